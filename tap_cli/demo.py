@@ -1,0 +1,265 @@
+"""``tap demo``: the deployed federation on one machine — one server, one agent per silo, mTLS on loopback.
+
+It provisions kits, writes federation.yaml and one silo.yaml per silo, starts
+``tap-server serve`` and one ``tap-client run`` per silo as separate processes,
+follows the server's Prometheus metrics for live progress, then prints the
+results table and writes the report and a plot. Everything stays in the
+workdir (kits, configs, state, logs, RERUN.md) so any piece can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from tap_core.config import FederationConfig, Scenario, to_mapping
+from tap_core.errors import TapError
+from tap_cli.options import config_from_options, friendly_errors, training_options, write_outputs
+
+GENERATED = ("kits", "state", "clients", "logs", "silos")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_metrics(port: int) -> dict[str, float]:
+    """Unlabelled samples of the server's /metrics (plus the current phase)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.name == "tap_phase" and sample.value == 1.0:
+                values["phase:" + sample.labels["phase"]] = 1.0
+            elif not sample.labels:
+                values[sample.name] = sample.value
+    return values
+
+
+def wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise TapError(f"tap-server exited with status {process.returncode} during start-up:\n{tail(log_path)}")
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TapError(f"tap-server did not become healthy within {timeout:.0f}s:\n{tail(log_path)}")
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class DemoLayout:
+    """Where the demo puts things inside the workdir."""
+
+    root: Path
+
+    @property
+    def kits(self) -> Path:
+        return self.root / "kits"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def federation_yaml(self) -> Path:
+        return self.root / "federation.yaml"
+
+    def silo_yaml(self, silo: str) -> Path:
+        return self.root / "silos" / f"{silo}.yaml"
+
+    def client_state(self, silo: str) -> Path:
+        return self.root / "clients" / silo
+
+
+@dataclass
+class Processes:
+    server: subprocess.Popen | None = None
+    clients: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def all(self) -> list[subprocess.Popen]:
+        return ([self.server] if self.server else []) + list(self.clients.values())
+
+    def stop(self) -> None:
+        for process in self.all():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in self.all():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationConfig, device: str | None) -> None:
+    from tap_server.provision import provision
+
+    for name in GENERATED:
+        shutil.rmtree(layout.root / name, ignore_errors=True)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    provision(layout.kits, [s.id for s in scenario.silos], ["127.0.0.1", "localhost"])
+    federation = to_mapping(config)
+    federation["expected_silos"] = len(scenario.silos)
+    federation["deadlines"] = {"join_s": 600.0, "round_s": 3600.0, "finish_s": 3600.0, "heartbeat_s": 5.0}
+    layout.federation_yaml.write_text(yaml.safe_dump(federation, sort_keys=False))
+    for silo in scenario.silos:
+        tasks = []
+        for task in silo.tasks:
+            entry = {k: v for k, v in to_mapping(task).items() if v is not None}
+            tasks.append(entry)
+        path = layout.silo_yaml(silo.id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        silo_config: dict[str, Any] = {"tasks": tasks}
+        if device:
+            silo_config["device"] = device
+        path.write_text(yaml.safe_dump(silo_config, sort_keys=False))
+
+
+def server_command(layout: DemoLayout, port: int, health: int, metrics: int) -> list[str]:
+    return [sys.executable, "-m", "tap_server.cli", "serve", "--kit", str(layout.kits / "server"),
+            "--config", str(layout.federation_yaml), "--listen", f"127.0.0.1:{port}", "--state", str(layout.state),
+            "--metrics-port", str(metrics), "--health-port", str(health), "--exit-when-done"]
+
+
+def client_command(layout: DemoLayout, silo: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "tap_client.cli", "run", "--kit", str(layout.kits / silo),
+            "--server", f"127.0.0.1:{port}", "--config", str(layout.silo_yaml(silo)),
+            "--state", str(layout.client_state(silo))]
+
+
+def write_rerun_notes(layout: DemoLayout, port: int, health: int, metrics: int, silos: list[str]) -> None:
+    lines = ["# Rerun any piece of this demo by hand", "", "Server:", "",
+             "    " + " ".join(server_command(layout, port, health, metrics)).replace(" --exit-when-done", ""), "",
+             "One agent per silo:", ""]
+    lines += ["    " + " ".join(client_command(layout, silo, port)) for silo in silos]
+    lines += ["", f"Metrics: http://127.0.0.1:{metrics}/metrics   Logs: {layout.logs}/",
+              f"Report: {layout.state / 'report.json'}   Status: tap-server status --state {layout.state}", ""]
+    (layout.root / "RERUN.md").write_text("\n".join(lines))
+
+
+def follow(processes: Processes, layout: DemoLayout, metrics_port: int, config: FederationConfig,
+           silos: int, per_round: int, show_progress: bool) -> None:
+    """Live progress from the server's metrics until the server exits; fail fast if an agent fails."""
+    from tap_cli.progress import FederationProgress
+
+    bar = FederationProgress(config.rounds, per_round, silos, f"demo {config.algorithm}") if show_progress else None
+    shown = 0
+    try:
+        while processes.server.poll() is None:
+            for silo, process in processes.clients.items():
+                if process.poll() not in (None, 0):
+                    raise TapError(f"agent {silo} exited with status {process.returncode}:\n"
+                                   f"{tail(layout.logs / f'{silo}.log')}")
+            try:
+                m = read_metrics(metrics_port)
+            except OSError:
+                m = {}
+            if bar and m:
+                done = int(m.get("tap_updates_received_total", 0) + m.get("tap_results_received", 0))
+                phase = next((k.split(":", 1)[1] for k in m if k.startswith("phase:")), "?")
+                bar.bar.set_postfix_str(f"round {int(m.get('tap_round', 0))}/{config.rounds} {phase} "
+                                        f"clients {int(m.get('tap_clients_connected', 0))}/{silos}")
+                if done > shown:
+                    bar.bar.update(done - shown)
+                    shown = done
+            time.sleep(0.5)
+    finally:
+        if bar:
+            bar.close()
+    if processes.server.returncode != 0:
+        raise TapError(f"tap-server exited with status {processes.server.returncode}:\n{tail(layout.logs / 'server.log')}")
+
+
+def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device: str | None = None,
+             show_progress: bool = True) -> dict[str, Any]:
+    layout = DemoLayout(workdir.resolve())
+    prepare_workdir(layout, scenario, config, device)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    port, health, metrics = free_port(), free_port(), free_port()
+    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    processes = Processes()
+    try:
+        with open(layout.logs / "server.log", "wb") as log:
+            processes.server = subprocess.Popen(server_command(layout, port, health, metrics), stdout=log,
+                                                stderr=subprocess.STDOUT, env=env)
+        wait_healthy(health, processes.server, layout.logs / "server.log")
+        for silo in scenario.silos:
+            with open(layout.logs / f"{silo.id}.log", "wb") as log:
+                processes.clients[silo.id] = subprocess.Popen(client_command(layout, silo.id, port), stdout=log,
+                                                              stderr=subprocess.STDOUT, env=env)
+        per_round = min(config.clients_per_round or len(scenario.silos), len(scenario.silos))
+        follow(processes, layout, metrics, config, len(scenario.silos), per_round, show_progress)
+        for silo, process in processes.clients.items():
+            try:
+                code = process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                raise TapError(f"agent {silo} did not exit after the federation finished:\n"
+                               f"{tail(layout.logs / f'{silo}.log')}") from None
+            if code != 0:
+                raise TapError(f"agent {silo} exited with status {code}:\n{tail(layout.logs / f'{silo}.log')}")
+    finally:
+        processes.stop()
+    report_path = layout.state / "report.json"
+    if not report_path.is_file():
+        raise TapError(f"the server finished without a report:\n{tail(layout.logs / 'server.log')}")
+    return json.loads(report_path.read_text())
+
+
+@click.command()
+@training_options
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("tap-demo"), show_default=True,
+              help="Kits, configs, state and logs go here (previous demo output in it is replaced).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the report here (it is always in WORKDIR/report.json).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="PNG of the results (default WORKDIR/results.png).")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@friendly_errors
+def demo(workdir: Path, report_path: Path | None, plot_path: Path | None, progress: bool, **opts: Any) -> None:
+    """Run the deployed federation on this machine: tap-server + one tap-client per silo over mTLS."""
+    scenario, config = config_from_options(opts)
+    started = time.perf_counter()
+    report = run_demo(scenario, config, workdir, opts["device"], progress)
+    report["timing"]["total_seconds"] = time.perf_counter() - started
+    (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
+    write_outputs(report, report_path, plot_path or workdir / "results.png")
+    click.echo(f"workdir: {workdir} (kits, configs, state, logs; RERUN.md has the commands)")

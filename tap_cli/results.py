@@ -1,0 +1,84 @@
+"""Results table and plots of a federation report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def results_table(report: dict[str, Any]) -> str:
+    """Per-silo, per-task metrics plus the per-task and overall means."""
+    header = f"{'silo':<16} {'task':<18} {'kind':<17} {'primary':>8}  metrics"
+    lines = [
+        f"{report['algorithm']} on {report['scenario']} (seed {report['seed']}, {report['rounds']} rounds)",
+        header,
+        "-" * len(header),
+    ]
+    for t in report["tasks"]:
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in sorted(t["metrics"].items()))
+        lines.append(f"{t['silo']:<16} {t['task']:<18} {t['kind']:<17} {t['primary']:>8.4f}  {metrics}")
+    lines.append("-" * len(header))
+    for name, info in report.get("per_task", {}).items():
+        lines.append(f"{'mean':<16} {name:<18} {'':<17} {info['mean_primary']:>8.4f}  ({info['silos']} silos)")
+    lines.append(f"{'mean over silos':<53} {report['mean_primary']:>8.4f}")
+    replacements = sum(sum(v.values()) for v in report.get("replacements", {}).values())
+    wire = report.get("wire", {})
+    lines.append(f"replacements: {replacements}   wire: {wire.get('bytes_down', 0) / 1e6:.2f} MB down, "
+                 f"{wire.get('bytes_up', 0) / 1e6:.2f} MB up ({wire.get('dtype', 'fp32')})")
+    transport = report.get("transport")
+    if transport:
+        lines.append(f"transport: {transport['wire_bytes'] / 1e6:.2f} MB on the wire, framing overhead "
+                     f"{100 * transport['framing_overhead']:.2f}%, max per client-round "
+                     f"{_fmt(transport['max_ratio_per_client_round'], 3)} x trainable x2")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> Path:
+    """Per-task primary scores (per silo) and the mean training loss per round, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{t['silo']}\n{t['task']}" for t in report["tasks"]]
+    left.bar(range(len(labels)), [t["primary"] for t in report["tasks"]], color="tab:blue")
+    left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    left.set_ylabel("primary score (higher is better)")
+    left.set_title(f"{report['algorithm']}: per-task scores (mean {report['mean_primary']:.3f})")
+    left.axhline(report["mean_primary"], color="tab:red", linestyle="--", linewidth=1)
+    history = report.get("history", [])
+    tasks = sorted({t for h in history for t in h.get("task_losses", {})})
+    for task in tasks:
+        rounds = [h["round"] for h in history if task in h["task_losses"]]
+        right.plot(rounds, [h["task_losses"][task] for h in history if task in h["task_losses"]], marker="o", label=task)
+    right.set_xlabel("round")
+    right.set_ylabel("global-copy training loss")
+    right.set_yscale("log")
+    right.set_title("loss per round")
+    if tasks:
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarise(reports: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation of mean_primary per algorithm over several reports (seeds)."""
+    by_algorithm: dict[str, list[float]] = {}
+    for r in reports:
+        by_algorithm.setdefault(r["algorithm"], []).append(r["mean_primary"])
+    out = {}
+    for name, values in by_algorithm.items():
+        m = mean(values)
+        sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        out[name] = (m, sd)
+    return out

@@ -1,0 +1,72 @@
+"""The agent's disk state: personal model, histories, the pending upload, final outputs.
+
+Layout of ``--state DIR``:
+
+    silo.json + silo-<tag>.safetensors      SiloState and the personal model (trainable values)
+    update.json + update-<tag>.safetensors  the last round's upload, kept until the server moves on
+    results.json                           stage-2 metrics (also sent to the server)
+    final_model.safetensors                the silo's final model (trainable values + JSON metadata)
+
+A restarted agent loses nothing: it reloads the personal model and, when the
+server asks again for a round it already trained (e.g. after a server restart),
+re-sends the saved update instead of training twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tap_core.messages import ClientUpdate, RoundStats, SiloResult
+from tap_core.model.tap_model import ComponentValues
+from tap_core.silo import SiloState
+from tap_core.store import CheckpointStore, atomic_save_tensors, atomic_write_json
+
+
+class ClientStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.silo = CheckpointStore(self.directory, "silo")
+        self.update = CheckpointStore(self.directory, "update")
+
+    # personal model + histories
+
+    def save_silo(self, silo_id: str, state: SiloState, personal: ComponentValues | None, round_index: int) -> None:
+        self.silo.save({"silo": silo_id, "state": state.to_json(), "round": round_index}, personal, tag=f"r{round_index}")
+
+    def load_silo(self) -> tuple[str, SiloState, ComponentValues | None] | None:
+        if not self.silo.exists():
+            return None
+        data, values = self.silo.load()
+        return data["silo"], SiloState.from_json(data["state"]), values
+
+    # the pending upload
+
+    def save_update(self, update: ClientUpdate) -> None:
+        meta = {"silo": update.silo, "round": update.round, "weights": update.weights, "stats": update.stats.to_json()}
+        self.update.save(meta, update.values, tag=f"r{update.round}")
+
+    def load_update(self, silo_id: str, round_index: int) -> ClientUpdate | None:
+        if not self.update.exists():
+            return None
+        meta, values = self.update.load()
+        if meta["silo"] != silo_id or int(meta["round"]) != round_index:
+            return None
+        return ClientUpdate(silo=silo_id, round=round_index, values=values or {},
+                            weights={k: float(v) for k, v in meta["weights"].items()},
+                            stats=RoundStats.from_json(meta["stats"]))
+
+    # stage 2
+
+    def save_results(self, result: SiloResult, final_values: ComponentValues, metadata: dict[str, Any]) -> None:
+        atomic_save_tensors(self.directory / "final_model.safetensors", final_values,
+                            metadata={"tap": json.dumps(metadata, sort_keys=True)})
+        atomic_write_json(self.directory / "results.json", result.to_json())
+
+    def load_results(self) -> SiloResult | None:
+        path = self.directory / "results.json"
+        if not path.is_file():
+            return None
+        return SiloResult.from_json(json.loads(path.read_text()))

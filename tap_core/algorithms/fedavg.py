@@ -1,0 +1,29 @@
+"""FedAvg and FedAvg + local fine-tuning: the silo ends with the (fine-tuned) global model."""
+
+from __future__ import annotations
+
+from tap_core.algorithms.base import Algorithm, FinalModel
+from tap_core.messages import ClientUpdate, RoundStats
+from tap_core.model.tap_model import ComponentValues
+from tap_core.silo import SiloRuntime
+
+
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
+        model = silo.global_model(global_values)
+        result = silo.train(model, "global", round_index)
+        stats = RoundStats(task_losses=result.losses, train_seconds=result.seconds, samples_seen=result.samples)
+        return self.upload(silo, round_index, model, stats)
+
+    def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        return FinalModel(silo.fresh_copy(final_values))
+
+
+class FedAvgFineTune(FedAvg):
+    name = "fedavg-ft"
+
+    def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        model, _ = self.finetuned_global(silo, final_values)
+        return FinalModel(model)

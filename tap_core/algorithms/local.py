@@ -1,0 +1,26 @@
+"""Local-only training: the same step budget as fedavg-ft, no communication."""
+
+from __future__ import annotations
+
+from tap_core.algorithms.base import Algorithm, FinalModel, stage2_schedule
+from tap_core.messages import ClientUpdate, RoundStats
+from tap_core.model.tap_model import ComponentValues
+from tap_core.silo import SiloRuntime
+
+
+class LocalOnly(Algorithm):
+    name = "local"
+    federated = False
+
+    def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
+        result = silo.train(silo.personal, "personal", round_index)
+        silo.state.personal_losses.update(result.losses)
+        stats = RoundStats(task_losses=result.losses, personal_losses=result.losses, train_seconds=result.seconds,
+                           samples_seen=result.samples)
+        return self.upload(silo, round_index, silo.personal, stats)
+
+    def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        # the ft_steps that fedavg-ft spends fine-tuning, spent on more local training
+        silo.train(silo.personal, "finetune", self.config.rounds + 1, steps=self.config.train.ft_steps,
+                   schedule=stage2_schedule(self.config))
+        return FinalModel(silo.personal)

@@ -1,0 +1,79 @@
+"""TAP (TAP_SPEC §3-4): adaptive replacement in stage 1, distillation in stage 2."""
+
+from __future__ import annotations
+
+import logging
+
+from tap_core.algorithms.base import Algorithm, FinalModel, stage2_schedule
+from tap_core.config import kd_weight_for, margin_for
+from tap_core.messages import ClientUpdate, ReplacementEvent, RoundStats
+from tap_core.model.tap_model import ComponentValues, TapModel
+from tap_core.silo import SiloRuntime
+from tap_core.training.trainer import Distillation
+
+log = logging.getLogger(__name__)
+
+
+class Tap(Algorithm):
+    name = "tap"
+    distil = True
+
+    def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
+        cfg = self.config.train
+        # 1. train the global copy
+        global_copy = silo.global_model(global_values)
+        trained = silo.train(global_copy, "global", round_index)
+        by_validation = cfg.replacement == "validation"
+        global_losses = silo.val_losses(global_copy) if by_validation else trained.losses
+        # 2. adaptive replacement, task by task
+        events = self.replace(silo, round_index, global_copy, global_losses)
+        # 3. personal training (a different data order when something was just replaced)
+        salt = "replaced:" + ",".join(e.task for e in events)
+        personal = silo.train(silo.personal, "personal", round_index, salt=salt)
+        personal_losses = silo.val_losses(silo.personal) if by_validation else personal.losses
+        silo.state.personal_losses.update(personal_losses)
+        silo.state.personal_initialised = True
+        stats = RoundStats(
+            task_losses=trained.losses,
+            personal_losses=personal_losses,
+            replacements=events,
+            train_seconds=trained.seconds + personal.seconds,
+            samples_seen=trained.samples + personal.samples,
+        )
+        # 4. upload the trained global copy (never the personal model)
+        return self.upload(silo, round_index, global_copy, stats)
+
+    def replace(self, silo: SiloRuntime, round_index: int, global_copy: TapModel,
+                global_losses: dict[str, float]) -> list[ReplacementEvent]:
+        """Copy task t's components into the personal model where L_g[t] + margin_t < L_p[t]."""
+        events = []
+        for task in silo.plan.tasks:
+            margin = margin_for(task, self.config.train)
+            personal_loss = silo.state.personal_loss(task.name)
+            if global_losses[task.name] + margin < personal_loss:
+                components = silo.plan.task_components(task.name)
+                silo.personal.load_values(global_copy.values(components))
+                event = ReplacementEvent(round_index, task.name, global_losses[task.name], personal_loss, margin, components)
+                events.append(event)
+                silo.state.replacements[task.name] = silo.state.replacements.get(task.name, 0) + 1
+                log.info("silo %s round %d: task %s adopts the global components (L_g %.4f + %.4f < L_p %.4f)",
+                         silo.id, round_index, task.name, event.global_loss, margin, personal_loss)
+        silo.state.events.extend(events)
+        return events
+
+    def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        student = silo.personal
+        if not self.distil:
+            return FinalModel(student)
+        stage1 = {r.task: r.metrics for r in silo.evaluate(student)}
+        teacher, _ = self.finetuned_global(silo, final_values)
+        weights = {task.name: kd_weight_for(task, self.config.train) for task in silo.plan.tasks}
+        distill = Distillation(teacher, weights, self.config.train.kd_temperature)
+        result = silo.train(student, "distill", self.config.rounds + 1, steps=self.config.train.kd_steps,
+                            schedule=stage2_schedule(self.config), distill=distill)
+        return FinalModel(student, kd_losses=result.kd_losses, stage1_metrics=stage1)
+
+
+class TapNoKD(Tap):
+    name = "tap-nokd"
+    distil = False

@@ -1,0 +1,140 @@
+"""Plain messages between the federation logic and the silos (no gRPC in here).
+
+The deployed system converts these to and from protobuf + tensor streams
+(tap_core.wire); ``tap simulate`` passes them directly. Everything JSON-able
+has ``to_json``/``from_json`` so it can also be persisted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tap_core.config import TaskSpec, from_mapping, to_mapping
+from tap_core.model.tap_model import ComponentValues
+
+
+@dataclass
+class SiloDeclaration:
+    """What a silo states when it joins: its tasks (without data), sample counts, base fingerprint."""
+
+    silo: str
+    tasks: tuple[TaskSpec, ...]
+    train_samples: dict[str, int]  # task -> training examples
+    labels_seen: dict[str, list[str]]  # classification task -> labels present in the silo's data
+    fingerprint: str
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "silo": self.silo,
+            "tasks": [to_mapping(t) for t in self.tasks],
+            "train_samples": dict(self.train_samples),
+            "labels_seen": {k: list(v) for k, v in self.labels_seen.items()},
+            "fingerprint": self.fingerprint,
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SiloDeclaration":
+        tasks = tuple(from_mapping(TaskSpec, t, f"tasks[{i}]") for i, t in enumerate(data["tasks"]))
+        return cls(
+            silo=str(data["silo"]),
+            tasks=tasks,
+            train_samples={str(k): int(v) for k, v in data["train_samples"].items()},
+            labels_seen={str(k): [str(x) for x in v] for k, v in data.get("labels_seen", {}).items()},
+            fingerprint=str(data["fingerprint"]),
+            device=str(data.get("device", "cpu")),
+        )
+
+
+@dataclass
+class ReplacementEvent:
+    """Task ``task`` of a silo adopted the global components in ``round`` (TAP_SPEC §3.3)."""
+
+    round: int
+    task: str
+    global_loss: float
+    personal_loss: float  # inf on first participation
+    margin: float
+    components: list[str]
+
+
+@dataclass
+class RoundStats:
+    """Numbers a silo reports with its update: the global copy's losses and what it cost."""
+
+    task_losses: dict[str, float] = field(default_factory=dict)  # L_g[t]
+    personal_losses: dict[str, float] = field(default_factory=dict)  # L_p[t] after personal training
+    replacements: list[ReplacementEvent] = field(default_factory=list)
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for event in data["replacements"]:
+            event["personal_loss"] = _finite_or_none(event["personal_loss"])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RoundStats":
+        events = []
+        for e in data.get("replacements", []):
+            e = dict(e)
+            e["personal_loss"] = float("inf") if e.get("personal_loss") is None else float(e["personal_loss"])
+            events.append(ReplacementEvent(**e))
+        return cls(
+            task_losses={str(k): float(v) for k, v in data.get("task_losses", {}).items()},
+            personal_losses={str(k): float(v) for k, v in data.get("personal_losses", {}).items()},
+            replacements=events,
+            train_seconds=float(data.get("train_seconds", 0.0)),
+            samples_seen=int(data.get("samples_seen", 0)),
+        )
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value in (float("inf"), float("-inf")) or value != value else value
+
+
+@dataclass
+class ClientUpdate:
+    """A silo's upload for one round: trained global-copy components, never the personal model."""
+
+    silo: str
+    round: int
+    values: ComponentValues
+    weights: dict[str, float]  # component -> local training samples of the tasks that use it
+    stats: RoundStats
+
+
+@dataclass
+class TaskResult:
+    silo: str
+    task: str
+    kind: str
+    metrics: dict[str, float]
+    primary: float
+
+
+@dataclass
+class SiloResult:
+    """Stage 2 outcome of one silo: numbers only."""
+
+    silo: str
+    tasks: list[TaskResult]
+    kd_losses: dict[str, float] = field(default_factory=dict)
+    stage1_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # tap: personal model before KD
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SiloResult":
+        return cls(
+            silo=str(data["silo"]),
+            tasks=[TaskResult(**t) for t in data["tasks"]],
+            kd_losses={str(k): float(v) for k, v in data.get("kd_losses", {}).items()},
+            stage1_metrics={str(k): {str(m): float(x) for m, x in v.items()} for k, v in data.get("stage1_metrics", {}).items()},
+            seconds=float(data.get("seconds", 0.0)),
+        )

@@ -1,0 +1,91 @@
+"""The federation plan: which tasks exist, their united label spaces, and each silo's part.
+
+Label spaces are united when silos register: a label means the same head
+index on every silo (never a per-silo index mapping). Declared ``labels:`` lists
+win; otherwise the union of the labels silos saw, in natural sort order, so the
+result does not depend on the order in which silos joined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Iterable
+
+from tap_core.config import SiloSpec, TaskSpec
+from tap_core.errors import ConfigError
+from tap_core.messages import SiloDeclaration
+from tap_core.model.tap_model import ModelPlan
+from tap_core.scenario import check_shared_tasks
+
+
+def natural_key(label: str) -> tuple:
+    """'2' < '10' < 'a': numbers compare as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", label) if part)
+
+
+def united_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, TaskSpec]:
+    """Every task of the federation once, classification tasks with their full label list."""
+    declarations = sorted(declarations, key=lambda d: d.silo)
+    check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in declarations), "federation")
+    tasks: dict[str, TaskSpec] = {}
+    seen: dict[str, set[str]] = {}
+    for decl in declarations:
+        for task in decl.tasks:
+            tasks.setdefault(task.name, task)
+            if task.labels is not None:
+                tasks[task.name] = task
+            seen.setdefault(task.name, set()).update(decl.labels_seen.get(task.name, []))
+    result = {}
+    for name, task in sorted(tasks.items()):
+        if task.kind == "classification":
+            labels = task.labels or tuple(sorted(seen[name], key=natural_key))
+            unknown = seen[name] - set(labels)
+            if unknown:
+                raise ConfigError(f"task {name}.labels", f"label {sorted(unknown)[0]!r} occurs in a silo's data but not in the declared list",
+                                  "add it to labels: or remove those examples")
+            if len(labels) < 2:
+                raise ConfigError(f"task {name}", f"classification needs at least 2 labels across the federation, found {list(labels)}")
+            task = dataclasses.replace(task, labels=tuple(labels))
+        result[name] = dataclasses.replace(task, data={})
+    return result
+
+
+def silo_plan(declaration: SiloDeclaration, tasks: dict[str, TaskSpec], fusion_layers: int) -> ModelPlan:
+    """The part of the federation's model one silo holds (its own tasks, federation labels)."""
+    own = []
+    for task in declaration.tasks:
+        if task.name not in tasks:
+            raise ConfigError(f"silo {declaration.silo} task {task.name}", "is not part of this federation's plan",
+                              "the plan is fixed once the first round starts; restart the federation to add tasks")
+        united = tasks[task.name]
+        # the silo keeps its own domain tag (same head, its own domain adapters)
+        own.append(dataclasses.replace(united, domain=task.domain))
+    return ModelPlan(tuple(own), fusion_layers)
+
+
+def union_plan(declarations: Iterable[SiloDeclaration], fusion_layers: int) -> ModelPlan:
+    """The server's model: every silo's components (each task once per domain that uses it)."""
+    declarations = list(declarations)
+    tasks = united_tasks(declarations)
+    parts: list[TaskSpec] = []
+    seen_domains: set[tuple[str, str]] = set()
+    for decl in sorted(declarations, key=lambda d: d.silo):
+        for task in decl.tasks:
+            if (task.name, task.domain) not in seen_domains:
+                seen_domains.add((task.name, task.domain))
+                parts.append(dataclasses.replace(tasks[task.name], domain=task.domain))
+    return ModelPlan(tuple(parts), fusion_layers)
+
+
+def plan_to_json(plan: ModelPlan) -> dict:
+    from tap_core.config import to_mapping
+
+    return {"fusion_layers": plan.fusion_layers, "tasks": [to_mapping(t) for t in plan.tasks]}
+
+
+def plan_from_json(data: dict) -> ModelPlan:
+    from tap_core.config import from_mapping
+
+    tasks = tuple(from_mapping(TaskSpec, t, f"plan.tasks[{i}]") for i, t in enumerate(data["tasks"]))
+    return ModelPlan(tasks, int(data["fusion_layers"]))

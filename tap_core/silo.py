@@ -1,0 +1,173 @@
+"""One silo's learning side: its data, models and algorithm state (no network, no disk).
+
+The deployed agent (tap_client) wraps a :class:`SiloRuntime` with a gRPC
+connection and an on-disk store; ``tap simulate`` drives several directly.
+Both therefore run the very same training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from tap_core.config import FederationConfig, SiloSpec
+from tap_core.data.types import TaskData
+from tap_core.messages import ReplacementEvent, SiloDeclaration, TaskResult
+from tap_core.model import build_backbone
+from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
+from tap_core.seeding import derive_seed
+from tap_core.training.batches import TaskTensors, load_tokenizer, to_tensors
+from tap_core.training.metrics import PRIMARY
+from tap_core.training.trainer import Distillation, LrSchedule, PhaseResult, Trainer, warmup_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiloState:
+    """What a silo must remember between rounds (persisted by the agent as JSON)."""
+
+    personal_losses: dict[str, float] = field(default_factory=dict)  # L_p[t]; missing = +inf
+    replacements: dict[str, int] = field(default_factory=dict)
+    events: list[ReplacementEvent] = field(default_factory=list)
+    rounds_done: list[int] = field(default_factory=list)
+    personal_initialised: bool = False
+
+    def personal_loss(self, task: str) -> float:
+        return self.personal_losses.get(task, math.inf)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for event in data["events"]:
+            if math.isinf(event["personal_loss"]):
+                event["personal_loss"] = None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SiloState":
+        events = []
+        for e in data.get("events", []):
+            e = dict(e)
+            e["personal_loss"] = math.inf if e.get("personal_loss") is None else float(e["personal_loss"])
+            events.append(ReplacementEvent(**e))
+        return cls(
+            personal_losses={k: float(v) for k, v in data.get("personal_losses", {}).items()},
+            replacements={k: int(v) for k, v in data.get("replacements", {}).items()},
+            events=events,
+            rounds_done=[int(r) for r in data.get("rounds_done", [])],
+            personal_initialised=bool(data.get("personal_initialised", False)),
+        )
+
+
+class SiloRuntime:
+    def __init__(self, silo: SiloSpec, data: dict[str, TaskData], config: FederationConfig, device: torch.device):
+        self.silo = silo
+        self.data = data
+        self.config = config
+        self.device = device
+        self.backbone = build_backbone(config.model).to(device)
+        self.trainer = Trainer(config.train, device)
+        self.state = SiloState()
+        self.plan: ModelPlan | None = None
+        self.tensors: dict[str, TaskTensors] = {}
+        self._global: TapModel | None = None
+        self._personal: TapModel | None = None
+        self.end_id = load_tokenizer(config.model.tokenizer).sep_token_id
+
+    @property
+    def id(self) -> str:
+        return self.silo.id
+
+    # -- joining --------------------------------------------------------------
+
+    def declaration(self) -> SiloDeclaration:
+        return SiloDeclaration(
+            silo=self.id,
+            tasks=tuple(dataclasses.replace(t, data={}) for t in self.silo.tasks),
+            train_samples={t.name: len(self.data[t.name].train) for t in self.silo.tasks},
+            labels_seen={t.name: self.data[t.name].label_set for t in self.silo.tasks if t.kind == "classification"},
+            fingerprint=self.backbone.fingerprint,
+            device=str(self.device),
+        )
+
+    def set_plan(self, plan: ModelPlan) -> None:
+        """Adopt the federation's plan (label spaces) and tokenise the data accordingly."""
+        if self.plan == plan:
+            return
+        self.plan = plan
+        self.tensors = {
+            task.name: to_tensors(task, self.data[task.name], self.config.model, f"silo {self.id} task {task.name}")
+            for task in plan.tasks
+        }
+        self._global = self._personal = None
+
+    # -- models ---------------------------------------------------------------
+
+    def new_model(self) -> TapModel:
+        assert self.plan is not None, "set_plan first"
+        return TapModel(self.plan, self.backbone, self.config.seed)
+
+    def global_model(self, values: ComponentValues) -> TapModel:
+        """The silo's global copy, loaded with the server's values (one instance, reused)."""
+        if self._global is None:
+            self._global = self.new_model()
+        self._global.load_values(values)
+        return self._global
+
+    @property
+    def has_personal(self) -> bool:
+        return self._personal is not None
+
+    @property
+    def personal(self) -> TapModel:
+        if self._personal is None:
+            self._personal = self.new_model()
+        return self._personal
+
+    def fresh_copy(self, values: ComponentValues) -> TapModel:
+        """A new model (not the cached global copy) holding ``values``: KD teacher, fine-tuning."""
+        model = self.new_model()
+        model.load_values(values)
+        return model
+
+    # -- training primitives ----------------------------------------------------
+
+    def schedule(self, round_index: int) -> LrSchedule:
+        return warmup_schedule(self.config.train, (round_index - 1) * self.config.train.local_steps)
+
+    def train(self, model: TapModel, phase: str, round_index: int, steps: int | None = None,
+              schedule: LrSchedule | None = None, distill: Distillation | None = None, salt: str = "") -> PhaseResult:
+        steps = self.config.train.local_steps if steps is None else steps
+        seed = derive_seed(self.config.seed, "train", self.id, round_index, phase, salt)
+        result = self.trainer.train(model, self.tensors, steps, seed, schedule or self.schedule(round_index), distill)
+        when = f"round {round_index}" if round_index <= self.config.rounds else "stage 2"
+        log.info("silo %s %s %s: %d steps in %.1fs, loss %s", self.id, when, phase, steps, result.seconds,
+                 {k: round(v, 4) for k, v in result.losses.items()})
+        return result
+
+    def val_losses(self, model: TapModel) -> dict[str, float]:
+        return {name: self.trainer.eval_loss(model, tensors, "val") for name, tensors in self.tensors.items()}
+
+    def evaluate(self, model: TapModel) -> list[TaskResult]:
+        results = []
+        for name, tensors in self.tensors.items():
+            metrics = self.trainer.evaluate(model, tensors, self.end_id)
+            kind = tensors.task.kind
+            results.append(TaskResult(self.id, name, kind, metrics, metrics[PRIMARY[kind]]))
+        return results
+
+    def component_weights(self, components: list[str]) -> dict[str, float]:
+        """Per component: the training samples of this silo's tasks that use it (aggregation weight)."""
+        assert self.plan is not None
+        weights = {c: 0.0 for c in components}
+        for task in self.plan.tasks:
+            samples = float(len(self.tensors[task.name].train))
+            for component in self.plan.task_components(task.name):
+                if component in weights:
+                    weights[component] += samples
+        return weights

@@ -1,0 +1,131 @@
+"""Atomic on-disk state: JSON + safetensors, written temp-file, fsync, rename.
+
+Used by the server (federation state + global components) and by the client
+agent (personal model + histories). A reader never sees a half-written file:
+each checkpoint writes a new, uniquely named tensor file first, then replaces
+the JSON that points at it, then removes the previous tensor file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tap_core.errors import TapError
+from tap_core.model.tap_model import ComponentValues
+
+SEPARATOR = "/"  # component names contain dots, local names too: "encoder.image/proj.weight"
+
+
+def flatten(values: ComponentValues) -> dict[str, torch.Tensor]:
+    return {f"{c}{SEPARATOR}{n}": t.contiguous() for c, tensors in values.items() for n, t in tensors.items()}
+
+
+def unflatten(flat: dict[str, torch.Tensor]) -> ComponentValues:
+    values: ComponentValues = {}
+    for key, tensor in flat.items():
+        component, _, name = key.partition(SEPARATOR)
+        values.setdefault(component, {})[name] = tensor
+    return values
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode())
+
+
+def atomic_save_tensors(path: Path, values: ComponentValues, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flatten(values), tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: Path) -> ComponentValues:
+    try:
+        return unflatten(load_file(str(path)))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise TapError(f"cannot read {path}: {exc}") from exc
+
+
+class CheckpointStore:
+    """A directory holding ``<name>.json`` that points at the current ``<name>-<tag>.safetensors``."""
+
+    def __init__(self, directory: Path, name: str):
+        self.directory = Path(directory)
+        self.name = name
+        self.json_path = self.directory / f"{name}.json"
+
+    def exists(self) -> bool:
+        return self.json_path.is_file()
+
+    def save(self, state: dict[str, Any], values: ComponentValues | None, tag: str) -> None:
+        """Write tensors (if given) under a new file, then the JSON pointing at it."""
+        previous = self._tensor_file(self.load_json()) if self.exists() else None
+        state = dict(state)
+        if values is not None:
+            tensor_file = f"{self.name}-{tag}.safetensors"
+            atomic_save_tensors(self.directory / tensor_file, values)
+            state["tensor_file"] = tensor_file
+        elif previous is not None:
+            state["tensor_file"] = previous
+        atomic_write_json(self.json_path, state)
+        if previous and previous != state.get("tensor_file"):
+            (self.directory / previous).unlink(missing_ok=True)
+
+    def load_json(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.json_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TapError(f"cannot read state {self.json_path}: {exc}") from exc
+
+    def load(self) -> tuple[dict[str, Any], ComponentValues | None]:
+        state = self.load_json()
+        tensor_file = self._tensor_file(state)
+        values = load_tensors(self.directory / tensor_file) if tensor_file else None
+        return state, values
+
+    @staticmethod
+    def _tensor_file(state: dict[str, Any]) -> str | None:
+        return state.get("tensor_file")

@@ -1,0 +1,139 @@
+"""From raw examples to model batches: tokenise, index labels, sample deterministically."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from tap_core.config import ModelSpec, TaskSpec
+from tap_core.data.types import Examples, TaskData
+from tap_core.errors import ConfigError, DataError
+from tap_core.model.tap_model import Batch
+from tap_core.seeding import generator
+
+PAD_ID = 0
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str | None):
+    """A BERT WordPiece tokenizer from a local directory (default: the one shipped with MiniLM)."""
+    from transformers import BertTokenizerFast
+
+    if path is None:
+        from tap_core.model.backbone import minilm_path
+
+        path = str(minilm_path())
+    directory = Path(path)
+    if not (directory / "vocab.txt").is_file():
+        raise ConfigError("model.tokenizer", f"{directory} has no vocab.txt", "point it at a local BERT tokenizer directory")
+    return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+
+
+@dataclass
+class SplitTensors:
+    """One split of one task as tensors (images stay uint8 until batched)."""
+
+    images: torch.Tensor | None  # uint8 (N, 3, S, S)
+    input_ids: torch.Tensor | None  # long (N, T)
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None  # long (N,)
+    target_ids: torch.Tensor | None  # long (N, T_out)
+
+    def __len__(self) -> int:
+        for t in (self.images, self.input_ids, self.labels, self.target_ids):
+            if t is not None:
+                return t.shape[0]
+        return 0
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        def take(t):
+            return None if t is None else t[index]
+
+        images = take(self.images)
+        return Batch(
+            images=None if images is None else images.float().div_(255.0),
+            input_ids=take(self.input_ids),
+            attention_mask=take(self.attention_mask),
+            labels=take(self.labels),
+            target_ids=take(self.target_ids),
+        )
+
+
+@dataclass
+class TaskTensors:
+    task: TaskSpec
+    train: SplitTensors
+    val: SplitTensors
+    test: SplitTensors
+
+
+def encode_targets(tokenizer, targets: list[str], max_len: int) -> torch.Tensor:
+    """Target token ids followed by [SEP] as the end marker, padded with 0, truncated to ``max_len``."""
+    out = torch.full((len(targets), max_len), PAD_ID, dtype=torch.long)
+    encoded = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    for row, ids in enumerate(encoded):
+        ids = ids[: max_len - 1] + [tokenizer.sep_token_id]
+        out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def _split_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpec, where: str) -> SplitTensors:
+    images = input_ids = mask = labels = targets = None
+    if "image" in task.modalities:
+        if examples.images is None:
+            raise DataError(where, "has no images but the task reads the image modality")
+        images = torch.from_numpy(np.ascontiguousarray(examples.images))
+    if "text" in task.modalities:
+        if examples.texts is None:
+            raise DataError(where, "has no text but the task reads the text modality")
+        encoded = tokenizer(list(examples.texts), padding="max_length", truncation=True,
+                            max_length=spec.max_text_len, return_tensors="pt")
+        input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    if task.kind == "classification":
+        index = {label: i for i, label in enumerate(task.labels or ())}
+        unknown = sorted({label for label in examples.labels or [] if label not in index})
+        if examples.labels is None or unknown:
+            raise DataError(where, f"label {unknown[0]!r} is not in the task's label list" if unknown else "has no labels",
+                            "declare every label in the task's labels: list")
+        labels = torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
+    elif task.kind == "text_generation":
+        if examples.targets is None:
+            raise DataError(where, "has no target texts for a text_generation task")
+        targets = encode_targets(tokenizer, examples.targets, spec.max_target_len)
+    return SplitTensors(images, input_ids, mask, labels, targets)
+
+
+def to_tensors(task: TaskSpec, data: TaskData, spec: ModelSpec, where: str = "") -> TaskTensors:
+    """Tokenise and index one task's data. ``task.labels`` must hold the federation's label list."""
+    tokenizer = load_tokenizer(spec.tokenizer)
+    return TaskTensors(
+        task=task,
+        train=_split_tensors(task, data.train, tokenizer, spec, f"{where} train"),
+        val=_split_tensors(task, data.val, tokenizer, spec, f"{where} val"),
+        test=_split_tensors(task, data.test, tokenizer, spec, f"{where} test"),
+    )
+
+
+def sample_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[Batch]:
+    """Endless shuffled batches: epochs of a seeded permutation, the last partial batch dropped."""
+    n = len(split)
+    if n == 0:
+        raise DataError("", "cannot train on an empty split")
+    size = min(batch_size, n)
+    g = generator(seed)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - size + 1, size):
+            yield split.batch(order[start : start + size])
+
+
+def ordered_batches(split: SplitTensors, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+    """The split in order (evaluation), at most ``limit`` examples."""
+    n = len(split) if limit is None else min(limit, len(split))
+    for start in range(0, n, batch_size):
+        yield split.batch(torch.arange(start, min(start + batch_size, n)))

@@ -1,0 +1,234 @@
+"""Tensor streams: component values <-> ``TensorFrame`` messages, never pickle.
+
+Each tensor travels as raw little-endian bytes at the wire dtype, cut into
+pieces that fill frames of about ``chunk_bytes``; a frame holds many small
+tensors or one slice of a large one. The first piece of a tensor carries its
+dtype, shape and CRC-32. Names are not repeated per tensor: the stream header
+lists the components, and both sides share the layout (the assignment's
+``ComponentLayout``), so a tensor is referenced by two small indices. That keeps
+framing at a few bytes per tensor.
+
+The decoder checks everything a peer could get wrong (unknown or foreign
+component, bad index, dtype, shape, out-of-order or overlapping pieces, size
+limit, checksum) and raises :class:`WireError` with a ``reason`` before any
+value is used.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from tap_core.errors import WireError
+from tap_core.model.tap_model import ComponentValues
+from tap_core.proto.tap.v1 import federation_pb2 as pb
+from tap_core.wire_size import WIRE_TORCH_DTYPES, bytes_per_element
+
+Layout = Mapping[str, list[tuple[str, tuple[int, ...]]]]  # component -> ordered (tensor name, shape)
+
+DTYPE_TO_PROTO = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
+PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
+GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message framing, per message
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def layout_to_proto(layout: Layout) -> list[pb.ComponentLayout]:
+    return [
+        pb.ComponentLayout(name=c, tensors=[pb.TensorLayout(name=n, shape=list(s)) for n, s in tensors])
+        for c, tensors in layout.items()
+    ]
+
+
+def layout_from_proto(messages: Iterable[pb.ComponentLayout]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    return {m.name: [(t.name, tuple(int(d) for d in t.shape)) for t in m.tensors] for m in messages}
+
+
+def tensor_to_bytes(tensor: torch.Tensor, dtype: str) -> memoryview:
+    """The tensor's bytes at the wire dtype, little-endian (a view; no copy beyond the dtype cast)."""
+    t = tensor.detach().to("cpu", WIRE_TORCH_DTYPES[dtype]).contiguous().reshape(-1)
+    raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    array = raw.numpy()
+    if not _LITTLE_ENDIAN:  # pragma: no cover - every supported platform is little-endian
+        array = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).view(np.uint8)
+    return memoryview(array).cast("B")
+
+
+def bytes_to_tensor(buffer: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if not buffer:
+        return torch.empty(shape, dtype=WIRE_TORCH_DTYPES[dtype])
+    tensor = torch.frombuffer(buffer, dtype=WIRE_TORCH_DTYPES[dtype])
+    return tensor.reshape(shape)
+
+
+@dataclass
+class StreamInfo:
+    """Header fields of a stream besides the tensors."""
+
+    round: int
+    stats_json: str = ""
+    weights: Mapping[str, float] | None = None
+
+
+def encode_stream(values: ComponentValues, layout: Layout, dtype: str, chunk_bytes: int,
+                  info: StreamInfo) -> Iterator[pb.TensorFrame]:
+    """Frames carrying ``values`` in ``layout`` order; the first frame carries the header."""
+    components = list(layout)
+    payload = sum(int(np.prod(s, dtype=np.int64)) for c in components for _, s in layout[c]) * bytes_per_element(dtype)
+    header = pb.StreamHeader(round=info.round, components=components, dtype=DTYPE_TO_PROTO[dtype],
+                             payload_bytes=payload, stats_json=info.stats_json)
+    if info.weights:
+        header.weights.update({k: float(v) for k, v in info.weights.items()})
+    frame = pb.TensorFrame(header=header)
+    room = chunk_bytes
+    for ci, component in enumerate(components):
+        tensors = values[component]
+        for ti, (name, shape) in enumerate(layout[component]):
+            data = tensor_to_bytes(tensors[name], dtype)
+            crc = zlib.crc32(data)
+            offset = 0
+            while True:
+                take = min(room, len(data) - offset)
+                piece = frame.pieces.add(component=ci, tensor=ti, offset=offset, data=data[offset : offset + take].tobytes())
+                if offset == 0:
+                    piece.dtype = DTYPE_TO_PROTO[dtype]
+                    piece.shape.extend(shape)
+                    piece.crc32 = crc
+                offset += take
+                room -= take
+                if room <= 0:
+                    yield frame
+                    frame = pb.TensorFrame()
+                    room = chunk_bytes
+                if offset >= len(data):
+                    break
+    if len(frame.pieces) or frame.HasField("header"):
+        yield frame
+
+
+def frame_wire_bytes(frame: pb.TensorFrame) -> int:
+    """Bytes this frame takes as a gRPC message (serialised size + length prefix)."""
+    return frame.ByteSize() + GRPC_MESSAGE_PREFIX
+
+
+@dataclass
+class _Partial:
+    buffer: bytearray
+    received: int
+    crc: int
+    shape: tuple[int, ...]
+
+
+class StreamDecoder:
+    """Reassembles a tensor stream against the expected layout, refusing anything off-contract.
+
+    ``expected``: the components (and their layout) this stream must carry;
+    ``known``: every component name of the federation, to tell an unknown name
+    from one that belongs to someone else.
+    """
+
+    def __init__(self, expected: Layout, dtype: str, known: set[str] | None = None, require_all: bool = True):
+        self.expected = expected
+        self.dtype = dtype
+        self.known = known or set(expected)
+        self.require_all = require_all
+        self.header: pb.StreamHeader | None = None
+        self.components: list[str] = []
+        self.limit = 0
+        self.received = 0
+        self.wire_bytes = 0
+        self._partial: dict[tuple[int, int], _Partial] = {}
+        self._done: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _fail(self, reason: str, message: str) -> None:
+        raise WireError(reason, message)
+
+    def _start(self, header: pb.StreamHeader) -> None:
+        if header.dtype != DTYPE_TO_PROTO[self.dtype]:
+            got = PROTO_TO_DTYPE.get(header.dtype, f"enum {header.dtype}")
+            self._fail("wrong_dtype", f"stream dtype {got}, this federation's wire dtype is {self.dtype}")
+        names = list(header.components)
+        if len(set(names)) != len(names):
+            self._fail("malformed", "the stream header lists a component twice")
+        for name in names:
+            if name not in self.expected:
+                if name in self.known:
+                    self._fail("foreign_component", f"component {name} is not one of this stream's components")
+                self._fail("unknown_component", f"unknown component {name!r}")
+        if self.require_all:
+            missing = [c for c in self.expected if c not in names]
+            if missing:
+                self._fail("missing_component", f"stream lacks component {missing[0]} ({len(missing)} missing)")
+        self.components = names
+        per_element = bytes_per_element(self.dtype)
+        self.limit = sum(int(np.prod(s, dtype=np.int64)) for c in names for _, s in self.expected[c]) * per_element
+        if header.payload_bytes > self.limit:
+            self._fail("oversize", f"stream announces {header.payload_bytes} bytes, at most {self.limit} expected")
+        self.header = header
+
+    def feed(self, frame: pb.TensorFrame) -> None:
+        self.wire_bytes += frame_wire_bytes(frame)
+        if frame.HasField("header"):
+            if self.header is not None:
+                self._fail("malformed", "a second stream header")
+            self._start(frame.header)
+        elif self.header is None:
+            self._fail("malformed", "the first frame carries no stream header")
+        for piece in frame.pieces:
+            self._piece(piece)
+
+    def _piece(self, piece: pb.TensorPiece) -> None:
+        if piece.component >= len(self.components):
+            self._fail("malformed", f"piece refers to component index {piece.component} of {len(self.components)}")
+        component = self.components[piece.component]
+        layout = self.expected[component]
+        if piece.tensor >= len(layout):
+            self._fail("unknown_tensor", f"component {component} has {len(layout)} tensors, piece refers to #{piece.tensor}")
+        name, shape = layout[piece.tensor]
+        key = (piece.component, piece.tensor)
+        if key in self._done:
+            self._fail("malformed", f"{component}/{name}: data after the tensor was complete")
+        partial = self._partial.get(key)
+        if partial is None:
+            if piece.offset != 0:
+                self._fail("malformed", f"{component}/{name}: first piece at offset {piece.offset}")
+            if piece.dtype != DTYPE_TO_PROTO[self.dtype]:
+                self._fail("wrong_dtype", f"{component}/{name}: dtype {PROTO_TO_DTYPE.get(piece.dtype, piece.dtype)}, "
+                                          f"expected {self.dtype}")
+            if tuple(piece.shape) != tuple(shape):
+                self._fail("wrong_shape", f"{component}/{name}: shape {tuple(piece.shape)}, expected {tuple(shape)}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * bytes_per_element(self.dtype)
+            partial = self._partial[key] = _Partial(bytearray(nbytes), 0, piece.crc32, tuple(shape))
+        elif piece.offset != partial.received:
+            self._fail("malformed", f"{component}/{name}: piece at offset {piece.offset}, expected {partial.received}")
+        end = partial.received + len(piece.data)
+        if end > len(partial.buffer):
+            self._fail("oversize", f"{component}/{name}: {end} bytes, the tensor has {len(partial.buffer)}")
+        self.received += len(piece.data)
+        if self.received > self.limit:
+            self._fail("oversize", f"stream exceeds its {self.limit} expected bytes")
+        partial.buffer[partial.received : end] = piece.data
+        partial.received = end
+        if end == len(partial.buffer):
+            if zlib.crc32(partial.buffer) != partial.crc:
+                self._fail("bad_checksum", f"{component}/{name}: CRC-32 mismatch (corrupted in transit)")
+            self._done[key] = bytes_to_tensor(partial.buffer, self.dtype, partial.shape)
+            del self._partial[key]
+
+    def finish(self) -> ComponentValues:
+        """The received values as fp32 tensors; every tensor of every listed component must be complete."""
+        if self.header is None:
+            self._fail("malformed", "empty stream")
+        values: ComponentValues = {}
+        for ci, component in enumerate(self.components):
+            out = values[component] = {}
+            for ti, (name, _) in enumerate(self.expected[component]):
+                tensor = self._done.get((ci, ti))
+                if tensor is None:
+                    self._fail("missing_tensor", f"stream ended before {component}/{name} was complete")
+                out[name] = tensor.to(torch.float32)
+        return values

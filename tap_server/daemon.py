@@ -1,0 +1,145 @@
+"""``tap-server serve``: the gRPC server with mTLS, health, metrics and the deadline clock."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from tap_core.config import FederationConfig
+from tap_core.errors import ConfigError
+from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
+from tap_core.transport import channel_options, split_address
+from tap_server.auth import SiloAuthenticator
+from tap_server.federation import DONE, Federation
+from tap_server.metrics import ServerMetrics
+from tap_server.servicer import FederationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "tap.v1.Federation"
+
+
+def read_kit_file(kit: Path, name: str) -> bytes:
+    path = kit / name
+    if not path.is_file():
+        raise ConfigError(str(path), "not found", f"--kit must be the server folder written by `tap-server provision` (it holds {name})")
+    return path.read_bytes()
+
+
+@dataclass
+class ServeOptions:
+    kit: Path
+    listen: str = "0.0.0.0:50051"
+    state_dir: Path = Path("tap-state")
+    metrics_port: int | None = 9090
+    health_port: int | None = 50052
+    exit_when_done: bool = False
+    max_workers: int = 64
+    done_grace_s: float = 30.0
+
+
+class ServerDaemon:
+    def __init__(self, config: FederationConfig, options: ServeOptions):
+        self.config = config
+        self.options = options
+        self.metrics = ServerMetrics()
+        self.stop_event = threading.Event()
+        self.port = 0
+        self.health_port = 0
+        self.metrics_port = 0
+        self._servers: list[grpc.Server] = []
+        self._http = None
+        kit = options.kit
+        self._credentials = grpc.ssl_server_credentials(
+            [(read_kit_file(kit, "server.key"), read_kit_file(kit, "server.crt"))],
+            root_certificates=read_kit_file(kit, "ca.crt"),
+            require_client_auth=True,
+        )
+        self.auth = SiloAuthenticator(kit / "silos.json")
+        self.health = health.HealthServicer()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.federation: Federation | None = None
+
+    def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+    def start(self) -> "ServerDaemon":
+        opts = self.options
+        host, port = split_address(opts.listen)
+        if opts.health_port is not None:
+            plain = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, plain)
+            self.health_port = plain.add_insecure_port(f"{host}:{opts.health_port}")
+            plain.start()
+            self._servers.append(plain)
+        if opts.metrics_port is not None:
+            self._http, _ = start_http_server(opts.metrics_port, addr=host, registry=self.metrics.registry)
+            self.metrics_port = self._http.server_port
+        self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
+                                     expected_silos=len(self.auth.provisioned))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.max_workers),
+                             options=channel_options(self.config), maximum_concurrent_rpcs=opts.max_workers * 4)
+        pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation, self.auth, self.metrics), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.port = server.add_secure_port(f"{host}:{port}", self._credentials)
+        if self.port == 0:
+            raise ConfigError(f"--listen {opts.listen}", "could not bind", "is another process using the port?")
+        server.start()
+        self._servers.append(server)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._clock, name="tap-clock", daemon=True).start()
+        log.info("serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s", host, self.port,
+                 self.health_port or "-", self.metrics_port or "-", opts.state_dir, self.federation.phase)
+        return self
+
+    def _clock(self) -> None:
+        """Deadlines, connected-silo gauge, and the exit once every silo has seen 'done'."""
+        done_since = None
+        while not self.stop_event.wait(0.5):
+            fed = self.federation
+            fed.tick()
+            self.metrics.clients_connected.set(fed.connected())
+            if fed.phase == DONE and self.options.exit_when_done:
+                done_since = done_since or time.monotonic()
+                everyone_told = fed.told_done >= set(fed.declarations)
+                if everyone_told or time.monotonic() - done_since > self.options.done_grace_s:
+                    log.info("federation done; exiting (--exit-when-done)")
+                    self.stop_event.set()
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, frame):
+            log.info("signal %d: finishing the state write in progress, then stopping", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda s, f: (self.auth.reload(), log.info("silos.json reloaded")))
+
+    def wait(self) -> None:
+        self.stop_event.wait()
+        self.stop()
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.stop_event.set()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for event in [server.stop(grace) for server in self._servers]:
+            event.wait()
+        if self.federation is not None:
+            with self.federation.changed:  # a state write in progress holds this lock: let it finish
+                pass
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        log.info("stopped")
