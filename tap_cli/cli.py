@@ -58,3 +58,7 @@ def _register_demo() -> None:
 
 
 _register_demo()
+
+
+if __name__ == "__main__":
+    main()

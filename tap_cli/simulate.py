@@ -25,16 +25,25 @@ ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
 def run_simulation(scenario: Scenario, config: FederationConfig, progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the federation to the end; returns the report."""
+    """Load every silo's data (all of it first: nothing trains on a half-valid scenario), then run."""
     clock = Stopwatch()
-    notify = progress or (lambda event, info: None)
     configure_threads(config.train.threads)
     device = select_device(config.train.device)
-    # all data first: nothing starts training on a half-valid scenario
     data = {silo.id: load_silo_data(silo, config, scenario.source or scenario.name) for silo in scenario.silos}
-    notify("data", {"seconds": clock.seconds()})
+    if progress:
+        progress("data", {"seconds": clock.seconds()})
     silos = {silo.id: SiloRuntime(silo, data[silo.id], config, device) for silo in scenario.silos}
-    federation = Federation(config, expected_silos=len(silos))
+    report = run_federation(silos, config, progress)
+    report["timing"]["total_seconds"] = clock.seconds()
+    report["timing"]["device"] = str(device)
+    return report
+
+
+def run_federation(silos: dict[str, SiloRuntime], config: FederationConfig, progress: ProgressFn | None = None,
+                   federation: Federation | None = None) -> dict[str, Any]:
+    """Drive ``federation`` (a fresh one by default) with in-process silos until done; returns the report."""
+    notify = progress or (lambda event, info: None)
+    federation = federation or Federation(config, expected_silos=len(silos))
     for runtime in silos.values():
         federation.register(runtime.declaration())
     for silo_id, runtime in silos.items():
@@ -58,7 +67,4 @@ def run_simulation(scenario: Scenario, config: FederationConfig, progress: Progr
         result, _ = algorithm.finish(silos[silo_id], values)
         federation.submit_result(result)
         notify("result", {"silo": silo_id, "primary": [t.primary for t in result.tasks]})
-    report = federation.report()
-    report["timing"]["total_seconds"] = clock.seconds()
-    report["timing"]["device"] = str(device)
-    return report
+    return federation.report()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError, TapError
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
-from tap_core.transport import channel_options
+from tap_core.transport import channel_options, split_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -141,5 +143,35 @@ class Connection:
                 f"TLS handshake with {self.server} failed: {details.strip()[:300]}. Either the server's certificate is "
                 f"not signed by {self.kit.directory / 'ca.crt'} (wrong kit or wrong server address), or the server does "
                 f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)")
+        if code == grpc.StatusCode.UNAVAILABLE and self.server_hung_up_after_handshake():
+            raise AuthFailure(
+                f"the server at {self.server} completed the TLS handshake and then closed the connection at once: it does "
+                f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
+                "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit")
         if code not in RETRYABLE:
             raise Refused(code, f"{what}: {details}")
+
+    def server_hung_up_after_handshake(self, timeout: float = 5.0) -> bool:
+        """Did the server refuse our client certificate? (gRPC cannot tell: it reports "Socket closed".)
+
+        With TLS 1.3 the client's side of the handshake completes before the server
+        checks the client certificate; a server that rejects it just closes the
+        connection, which gRPC reports as a retryable UNAVAILABLE. So try a handshake
+        of our own: a server that proved it holds a certificate of our CA and then
+        hangs up without a single byte (a gRPC server sends its HTTP/2 settings at
+        once) refused us. Anything else (no connection, timeout, a proxy that drops
+        the handshake) is treated as transient.
+        """
+        try:
+            host, port = split_address(self.server)
+            context = ssl.create_default_context(cadata=self.kit.ca.decode("ascii", "replace"))
+            context.load_cert_chain(self.kit.directory / "client.crt", self.kit.directory / "client.key")
+            context.set_alpn_protocols(["h2"])
+            with socket.create_connection((host, port), timeout=timeout) as raw:
+                with context.wrap_socket(raw, server_hostname=self.server_name or host) as tls:
+                    try:
+                        return tls.recv(1) == b""
+                    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+                        return True  # an alert or a reset right after a completed handshake
+        except (OSError, ValueError, ConfigError):  # ssl.SSLError is an OSError: the handshake itself failed
+            return False

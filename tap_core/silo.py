@@ -64,13 +64,18 @@ class SiloState:
         )
 
 
+def frozen_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 frozen weights under CUDA autocast; unchanged (fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and amp else None
+
+
 class SiloRuntime:
     def __init__(self, silo: SiloSpec, data: dict[str, TaskData], config: FederationConfig, device: torch.device):
         self.silo = silo
         self.data = data
         self.config = config
         self.device = device
-        self.backbone = build_backbone(config.model).to(device)
+        self.backbone = build_backbone(config.model).to(device, frozen_dtype(device, config.train.amp))
         self.trainer = Trainer(config.train, device)
         self.state = SiloState()
         self.plan: ModelPlan | None = None

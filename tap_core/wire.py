@@ -88,6 +88,9 @@ def encode_stream(values: ComponentValues, layout: Layout, dtype: str, chunk_byt
     for ci, component in enumerate(components):
         tensors = values[component]
         for ti, (name, shape) in enumerate(layout[component]):
+            if tuple(tensors[name].shape) != tuple(shape):
+                raise WireError("wrong_shape", f"{component}/{name}: value of shape {tuple(tensors[name].shape)}, "
+                                               f"the layout says {tuple(shape)}")
             data = tensor_to_bytes(tensors[name], dtype)
             crc = zlib.crc32(data)
             offset = 0
@@ -168,6 +171,7 @@ class StreamDecoder:
         self.limit = sum(int(np.prod(s, dtype=np.int64)) for c in names for _, s in self.expected[c]) * per_element
         if header.payload_bytes > self.limit:
             self._fail("oversize", f"stream announces {header.payload_bytes} bytes, at most {self.limit} expected")
+        self.limit = header.payload_bytes  # and it may not carry more than it announced
         self.header = header
 
     def feed(self, frame: pb.TensorFrame) -> None:
@@ -210,7 +214,7 @@ class StreamDecoder:
             self._fail("oversize", f"{component}/{name}: {end} bytes, the tensor has {len(partial.buffer)}")
         self.received += len(piece.data)
         if self.received > self.limit:
-            self._fail("oversize", f"stream exceeds its {self.limit} expected bytes")
+            self._fail("oversize", f"stream exceeds the {self.limit} bytes it announced")
         partial.buffer[partial.received : end] = piece.data
         partial.received = end
         if end == len(partial.buffer):

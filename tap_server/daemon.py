@@ -26,6 +26,19 @@ from tap_server.servicer import FederationServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tap.v1.Federation"
+# gRPC sets SO_REUSEPORT by default: a second server on the same port would start and silently take half
+# of the connections. One port, one federation.
+NO_PORT_SHARING = ("grpc.so_reuseport", 0)
+
+
+def _bind(add_port, where: str) -> int:
+    try:
+        bound = add_port()
+    except RuntimeError:  # recent gRPC raises instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise ConfigError(where, "could not bind", "is another process using the port?")
+    return bound
 
 
 def read_kit_file(kit: Path, name: str) -> bytes:
@@ -74,28 +87,39 @@ class ServerDaemon:
             self.health.set(service, status)
 
     def start(self) -> "ServerDaemon":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop(grace=0)  # a port that could not be bound: release the ones that were
+            raise
+
+    def _start(self) -> "ServerDaemon":
         opts = self.options
         host, port = split_address(opts.listen)
         if opts.health_port is not None:
-            plain = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            plain = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[NO_PORT_SHARING])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, plain)
-            self.health_port = plain.add_insecure_port(f"{host}:{opts.health_port}")
+            self.health_port = _bind(lambda: plain.add_insecure_port(f"{host}:{opts.health_port}"),
+                                     f"--health-port {opts.health_port}")
             plain.start()
             self._servers.append(plain)
         if opts.metrics_port is not None:
-            self._http, _ = start_http_server(opts.metrics_port, addr=host, registry=self.metrics.registry)
+            try:
+                self._http, _ = start_http_server(opts.metrics_port, addr=host, registry=self.metrics.registry)
+            except OSError as exc:
+                raise ConfigError(f"--metrics-port {opts.metrics_port}", f"could not bind: {exc}",
+                                  "is another process using the port?") from exc
             self.metrics_port = self._http.server_port
         self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
                                      expected_silos=len(self.auth.provisioned))
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.max_workers),
-                             options=channel_options(self.config), maximum_concurrent_rpcs=opts.max_workers * 4)
+                             options=channel_options(self.config) + [NO_PORT_SHARING],
+                             maximum_concurrent_rpcs=opts.max_workers * 4)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation, self.auth, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.port = server.add_secure_port(f"{host}:{port}", self._credentials)
-        if self.port == 0:
-            raise ConfigError(f"--listen {opts.listen}", "could not bind", "is another process using the port?")
-        server.start()
         self._servers.append(server)
+        self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")
+        server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._clock, name="tap-clock", daemon=True).start()
         log.info("serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s", host, self.port,
@@ -107,7 +131,10 @@ class ServerDaemon:
         done_since = None
         while not self.stop_event.wait(0.5):
             fed = self.federation
-            fed.tick()
+            try:
+                fed.tick()
+            except Exception:  # e.g. a state write that failed: keep the clock (deadlines, exit) running
+                log.exception("deadline check failed; retrying")
             self.metrics.clients_connected.set(fed.connected())
             if fed.phase == DONE and self.options.exit_when_done:
                 done_since = done_since or time.monotonic()

@@ -97,7 +97,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         data["silo"] = silo  # identity comes from the certificate, never from a field
         try:
             declaration = SiloDeclaration.from_json(data)
-        except (KeyError, TypeError, ValueError, TapError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, TapError) as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"declaration: {exc}")
         try:
             self.federation.register(declaration)
@@ -164,11 +164,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         assignment = fed.assignment(silo)
         if assignment.action != "train" or header.round != assignment.round:
             reason = "stale_round" if header.round <= fed.round else "future_round"
+            message = (f"upload for round {header.round}, but silo {silo} is assigned {assignment.action} "
+                       f"round {assignment.round}")
             if assignment.action == "wait" and header.round == fed.round and silo in fed.received:
-                reason = "duplicate"
-            self._reject(context, status_for(reason), reason,
-                         f"upload for round {header.round}, but silo {silo} is assigned {assignment.action} "
-                         f"round {assignment.round}")
+                reason, message = "duplicate", f"silo {silo} already uploaded round {header.round}"
+            self._reject(context, status_for(reason), reason, message)
         expected = {c: fed.manifest[c] for c in assignment.components}
         decoder = StreamDecoder(expected, self.config.wire.dtype, known=set(fed.manifest))
         try:
@@ -176,10 +176,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             for frame in frames:
                 decoder.feed(frame)
             values = decoder.finish()
-            stats = RoundStats.from_json(json.loads(header.stats_json or "{}"))
         except WireError as exc:
             self._reject(context, status_for(exc.reason), exc.reason, str(exc))
-        except (ValueError, TypeError, KeyError) as exc:
+        try:
+            stats = RoundStats.from_json(self._json(context, header.stats_json or "{}", "stats_json"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"stats_json: {exc}")
         update = ClientUpdate(silo=silo, round=header.round, values=values, weights=dict(header.weights), stats=stats)
         try:
@@ -206,7 +207,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             result = SiloResult.from_json(data)
             for task in result.tasks:
                 task.silo = silo
-        except (KeyError, TypeError, ValueError) as exc:
+                if not isinstance(task.metrics, dict) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in task.metrics.values()):
+                    raise TypeError(f"task {task.task}: metrics must map names to numbers")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"results: {exc}")
         try:
             self.federation.submit_result(result)

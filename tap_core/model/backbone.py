@@ -132,15 +132,23 @@ class Backbone:
     def frozen_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"image": self.image_tower, "text": self.text_tower})
 
-    def to(self, device: torch.device) -> "Backbone":
-        """Move the frozen weights in place (every model sharing them follows)."""
-        for module in (self.image_tower, self.text_tower):
-            module.to(device)
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Backbone":
+        """Move (and optionally cast) the frozen weights in place; every model sharing them follows.
+
+        On CUDA with bf16 autocast the frozen weights are stored in bf16: autocast would
+        otherwise cast every shared weight again in every call.
+        """
+        modules = [self.image_tower, self.text_tower]
         for src in self.fusion:
-            for part in (src.query, src.key, src.value, src.out, src.norm_before, src.fc1, src.fc2, src.norm_after):
-                part.to(device)
-        self.word_embeddings.data = self.word_embeddings.data.to(device)
-        self.output_embeddings = self.output_embeddings.to(device)
+            modules += [src.query, src.key, src.value, src.out, src.norm_before, src.fc1, src.fc2, src.norm_after]
+        for module in modules:
+            for param in module.parameters():
+                param.data = param.data.to(device, dtype if param.is_floating_point() else None)
+            for buffer_name, buffer in module.named_buffers():
+                if buffer.device != device:
+                    module.get_buffer(buffer_name).data = buffer.data.to(device)
+        self.word_embeddings.data = self.word_embeddings.data.to(device, dtype)
+        self.output_embeddings = self.output_embeddings.to(device, dtype)
         return self
 
 

@@ -23,22 +23,34 @@ class ClassificationHead(nn.Module):
 
 
 class ImageDecoderHead(nn.Module):
-    """Pooled features -> an image (B, 3, S, S) in [0, 1]: linear seed map + two 2x up-convolutions."""
+    """Pooled features -> an image (B, 3, S, S) in [0, 1].
 
-    def __init__(self, width: int, image_size: int, channels: int = 32):
+    A linear map to a small seed grid (at most 8x8), then 2x transposed
+    convolutions, halving the channels each time. Its size grows with log(S),
+    not S^2: a 224x224 decoder from width 768 has ~5M parameters, not ~80M.
+    """
+
+    def __init__(self, width: int, image_size: int):
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"image_size {image_size} must be divisible by 4 for the image decoder")
-        self.channels = channels
-        self.seed_size = image_size // 4
-        self.seed = nn.Linear(width, channels * self.seed_size**2)
-        self.up1 = nn.ConvTranspose2d(channels, channels // 2, kernel_size=4, stride=2, padding=1)
-        self.up2 = nn.ConvTranspose2d(channels // 2, 3, kernel_size=4, stride=2, padding=1)
+        ups = max(2, math.ceil(math.log2(image_size / 8)))
+        if image_size % (1 << ups):
+            raise ValueError(f"image_size {image_size} must be divisible by {1 << ups} for the image decoder")
+        self.seed_size = image_size >> ups
+        self.channels = min(128, 8 << ups)
+        self.seed = nn.Linear(width, self.channels * self.seed_size**2)
+        layers: list[nn.Module] = []
+        channels = self.channels
+        for i in range(ups):
+            out = 3 if i == ups - 1 else max(channels // 2, 8)
+            layers.append(nn.ConvTranspose2d(channels, out, kernel_size=4, stride=2, padding=1))
+            if i < ups - 1:
+                layers.append(nn.GELU())
+            channels = out
+        self.up = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.seed(z).view(-1, self.channels, self.seed_size, self.seed_size)
-        x = F.gelu(self.up1(F.gelu(x)))
-        return torch.sigmoid(self.up2(x))
+        return torch.sigmoid(self.up(F.gelu(x)))
 
 
 class TextDecoderHead(nn.Module):

@@ -103,8 +103,9 @@ class Trainer:
         streams = {
             name: sample_batches(t.train, cfg.batch_size, derive_seed(seed, "batches", name)) for name, t in tasks.items()
         }
-        sums = {name: 0.0 for name in tasks}
-        kd_sums = {name: 0.0 for name in tasks}
+        # running sums stay on the device: no host sync per micro-step
+        sums = {name: torch.zeros((), device=self.device) for name in tasks}
+        kd_sums = {name: torch.zeros((), device=self.device) for name in tasks}
         samples = 0
         model.train()
         if distill is not None:
@@ -126,11 +127,9 @@ class Trainer:
                                     teacher_out = distill.teacher(name, batch)
                                 kd = kd_loss(tensors.task.kind, teacher_out, output, batch, distill.temperature)
                                 total = loss + distill.weights[name] * kd
-                                kd_sums[name] += float(kd.detach())
-                        if not torch.isfinite(total):
-                            raise FloatingPointError(f"task {name}: loss became {float(total)} at step {step}; lower peak_lr")
+                                kd_sums[name] += kd.detach()
                         (total / cfg.grad_accum).backward()
-                        sums[name] += float(loss.detach())
+                        sums[name] += loss.detach()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -138,12 +137,16 @@ class Trainer:
                     progress(step + 1, steps)
         model.eval()
         count = max(steps * cfg.grad_accum, 1)
+        losses = {n: float(s) / count for n, s in sums.items()}
+        bad = [n for n, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"task {bad[0]}: the training loss became {losses[bad[0]]}; lower peak_lr")
         return PhaseResult(
-            losses={n: s / count for n, s in sums.items()},
+            losses=losses,
             steps=steps,
             samples=samples,
             seconds=time.perf_counter() - start,
-            kd_losses={n: s / count for n, s in kd_sums.items()} if distill is not None else {},
+            kd_losses={n: float(s) / count for n, s in kd_sums.items()} if distill is not None else {},
         )
 
     @torch.no_grad()
