@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import torch
 
 from tap_core.algorithms import get_algorithm
@@ -131,6 +132,12 @@ class Agent:
     # -- the loop -------------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            self.connection.close()
+
+    def _run(self) -> int:
         self.hello()
         self.prepare()
         self.join()
@@ -187,6 +194,8 @@ class Agent:
             self.connection.call("report results",
                                  lambda s: s.ReportResults(pb.ResultsRequest(results_json=payload), timeout=60))
         except Refused as exc:
+            if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                raise  # invalid results: re-sending the saved ones on every poll would never end
             log.warning("results not recorded: %s", exc)
         for task in result.tasks:
             log.info("final %s: %s", task.task, {k: round(v, 4) for k, v in task.metrics.items()})
@@ -219,6 +228,10 @@ class Agent:
             ack = self.connection.call(f"upload round {update.round}", send)
             log.info("round %d uploaded (%d bytes)", update.round, ack.payload_bytes)
         except Refused as exc:
+            if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                # the update itself is invalid (NaN, shape, weights, size...): the server would keep asking for
+                # this round and the agent would keep re-sending the same saved update, so stop here
+                raise
             # the server moved on (deadline) or already has it: nothing to do but wait for the next assignment
             log.warning("upload of round %d not accepted: %s", update.round, exc)
 

@@ -33,6 +33,7 @@ T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 _TLS_WORDS = ("handshake", "ssl", "certificate", "tls", "x509")
+_BUSY_WORDS = ("retry", "concurrent rpc limit")  # the servicer's "busy", gRPC's maximum_concurrent_rpcs
 
 
 class AuthFailure(TapError):
@@ -149,6 +150,9 @@ class Connection:
                 f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
                 "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit")
         if code not in RETRYABLE:
+            raise Refused(code, f"{what}: {details}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not any(w in details.lower() for w in _BUSY_WORDS):
+            # too big (the server's size check or gRPC's message limit) stays too big; only "busy" is retried
             raise Refused(code, f"{what}: {details}")
 
     def server_hung_up_after_handshake(self, timeout: float = 5.0) -> bool:

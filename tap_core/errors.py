@@ -42,3 +42,7 @@ class WireError(TapError):
     def __init__(self, reason: str, message: str):
         self.reason = reason
         super().__init__(message)
+
+
+class TrainingDiverged(TapError):
+    """A loss became NaN or infinite during local training."""

@@ -11,6 +11,7 @@ Phases: waiting_for_silos -> training (round 1..R) -> finishing -> done.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -229,6 +230,7 @@ class Federation:
             shared = self.algorithm.shared_components(plan)
             expected_weights = _weights(plan, self.declarations[update.silo], shared)
             check_update(update, {c: self.manifest[c] for c in shared}, set(plan.components), expected_weights)
+            _check_stats(update.stats, {t.name for t in plan.tasks})
             self.aggregator.add(update.values, update.weights)
             self.received[update.silo] = update.stats
             self._count_bytes(update.silo, update.round, "up", update.values)
@@ -295,8 +297,11 @@ class Federation:
             if reported != expected:
                 raise UpdateRejected("bad_result", f"results for tasks {sorted(reported)}, expected {sorted(expected)}")
             for task in result.tasks:
-                if not all(isinstance(v, (int, float)) and v == v for v in task.metrics.values()):
-                    raise UpdateRejected("non_finite", f"task {task.task}: metrics must be numbers")
+                numbers = [*task.metrics.values(), task.primary]
+                if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+                    raise UpdateRejected("non_finite", f"task {task.task}: metrics must be finite numbers")
+            if not all(math.isfinite(v) for v in result.kd_losses.values()):
+                raise UpdateRejected("non_finite", "kd_losses must be finite numbers")
             self.results[result.silo] = result
             self._publish_metrics()
             if self.metrics:
@@ -376,8 +381,9 @@ class Federation:
             self.timing.append({"silo": silo, "round": round_index, "direction": direction, "stream_seconds": seconds})
 
     def connected(self) -> int:
+        """Joined silos heard from within three heartbeat intervals."""
         horizon = self.clock() - 3 * self.config.deadlines.heartbeat_s
-        return sum(1 for t in self.last_seen.values() if t >= horizon)
+        return sum(1 for s, t in self.last_seen.items() if t >= horizon and s in self.declarations)
 
     def _publish_metrics(self) -> None:
         if not self.metrics:
@@ -493,6 +499,19 @@ class Federation:
         elif self.phase == DONE and self.state_dir is not None:
             self.report_data = self.report()
         log.info("resumed from %s: phase %s, round %d", self.store.json_path, self.phase, self.round)
+
+
+def _check_stats(stats: RoundStats, tasks: set[str]) -> None:
+    """Reported losses end up in the history, metrics and report: finite numbers of the silo's own tasks."""
+    for table in (stats.task_losses, stats.personal_losses):
+        for task, loss in table.items():
+            if task not in tasks:
+                raise UpdateRejected("bad_stats", f"stats name task {task!r}, which is not one of this silo's tasks")
+            if not math.isfinite(loss):
+                raise UpdateRejected("non_finite", f"stats: loss of task {task} is {loss}")
+    for event in stats.replacements:
+        if event.task not in tasks:
+            raise UpdateRejected("bad_stats", f"replacement event for task {event.task!r}, not one of this silo's tasks")
 
 
 def _task_signature(decl: SiloDeclaration) -> list[tuple[str, str, tuple[str, ...], str, str]]:

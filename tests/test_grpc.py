@@ -277,6 +277,68 @@ def test_full_federation_over_mtls(tmp_path):
     assert daemon.metrics.registry.get_sample_value("tap_updates_received_total") == 4
 
 
+@pytest.mark.parametrize("what", ["update", "results"])
+def test_agent_stops_when_the_server_refuses_its_numbers_as_invalid(tmp_path, what):
+    """An update (NaN) or results (wrong tasks) the server refuses as invalid: the agent must not re-send the same
+    saved numbers on every poll until the deadline."""
+    from tap_client.agent import Agent, AgentOptions
+    from tap_client.connection import Refused
+    from tap_core.scenario import load_silo_config
+
+    kits = tmp_path / "kits"
+    provision(kits, ["alpha"], ["127.0.0.1"])
+    configs = write_silo_data(tmp_path / "data")
+    daemon = start_server(kits / "server", tmp_path / "state", config=dataclasses.replace(CONFIG, expected_silos=1))
+
+    class DivergingAgent(Agent):
+        def prepare(self) -> None:
+            super().prepare()
+            train, finish = self.algorithm.local_round, self.algorithm.finish
+
+            def local_round(runtime, round_index, values):
+                update = train(runtime, round_index, values)
+                if what == "update":
+                    tensor = next(iter(next(iter(update.values.values())).values()))
+                    tensor.view(-1)[0] = float("nan")
+                return update
+
+            def stage2(runtime, values):
+                result, model = finish(runtime, values)
+                if what == "results":
+                    result.tasks[0].task = "not-my-task"  # results for a task this silo does not have
+                return result, model
+
+            self.algorithm.local_round = local_round
+            self.algorithm.finish = stage2
+
+    try:
+        silo, _ = load_silo_config(configs["alpha"])
+        agent = DivergingAgent(AgentOptions(kit=kits / "alpha", server=f"127.0.0.1:{daemon.port}", silo=silo,
+                                            config_path=configs["alpha"], state_dir=tmp_path / "client", threads=1))
+        outcome: dict[str, object] = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("result", _run_catching(agent)), daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the agent keeps re-sending a refused update"
+        assert isinstance(outcome["result"], Refused), outcome
+        assert outcome["result"].code == grpc.StatusCode.INVALID_ARGUMENT
+        if what == "update":
+            assert rejected(daemon, "non_finite") == 1
+            assert "NaN" in str(outcome["result"]) and daemon.federation.received == {}
+        else:
+            assert rejected(daemon, "bad_result") == 1
+            assert "not-my-task" in str(outcome["result"]) and daemon.federation.results == {}
+    finally:
+        daemon.stop(grace=1)
+
+
+def _run_catching(agent):
+    try:
+        return agent.run()
+    except Exception as exc:
+        return exc
+
+
 # --------------------------------------------------------------- refused clients
 
 
@@ -623,6 +685,63 @@ def test_valid_upload_is_accepted_once(kits, tmp_path):
         daemon.stop(grace=1)
 
 
+# ----------------------------------------------------------- the agent's channel
+
+
+class FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_connection_retries_only_what_can_change(kits):
+    from tap_client.connection import AuthFailure, Connection, Refused, load_kit
+
+    connection = Connection(load_kit(kits / "beta"), "127.0.0.1:9", give_up_after_s=0.3)  # nothing listens on port 9
+
+    def failing(code, details):
+        calls = []
+
+        def fn(stub):
+            calls.append(time.monotonic())
+            raise FakeRpcError(code, details)
+        return fn, calls
+
+    def outcome(what, code, details):
+        fn, calls = failing(code, details)
+        with pytest.raises((AuthFailure, Refused)) as info:
+            connection.call(what, fn)
+        return type(info.value).__name__, len(calls)
+
+    try:
+        assert outcome("hello", grpc.StatusCode.UNAUTHENTICATED, "no client certificate") == ("AuthFailure", 1)
+        assert outcome("hello", grpc.StatusCode.PERMISSION_DENIED, "revoked") == ("AuthFailure", 1)
+        assert outcome("upload round 1", grpc.StatusCode.PERMISSION_DENIED, "foreign") == ("Refused", 1)
+        assert outcome("upload round 1", grpc.StatusCode.INVALID_ARGUMENT, "bad_checksum") == ("Refused", 1)
+        assert outcome("upload round 1", grpc.StatusCode.FAILED_PRECONDITION, "stale") == ("Refused", 1)
+        assert outcome("upload round 1", grpc.StatusCode.ALREADY_EXISTS, "dup") == ("Refused", 1)
+        assert outcome("hello", grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED")[0] == "AuthFailure"
+        # a size refusal is final; a busy server or a dead connection is retried (until give_up_after_s)
+        assert outcome("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       "stream announces 9999 bytes, at most 10 expected") == ("Refused", 1)
+        assert outcome("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       "Received message larger than max (2097152 vs. 1048576)") == ("Refused", 1)
+        name, calls = outcome("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "too many uploads in progress; retry shortly")
+        assert name == "Refused" and calls >= 2
+        name, calls = outcome("poll", grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
+        assert name == "Refused" and calls >= 2
+        name, calls = outcome("poll", grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused")
+        assert name == "Refused" and calls >= 2
+    finally:
+        connection.close()
+
+
 # ------------------------------------------------------------- health, metrics
 
 
@@ -642,6 +761,40 @@ def test_health_serving_on_mtls_and_plaintext_ports(server, kits):
         for service in ("", SERVICE_NAME):
             response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_TIMEOUT)
             assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_second_server_on_the_same_port_is_refused(server, kits, tmp_path):
+    """gRPC would share the port (SO_REUSEPORT) and split the silos between two federations."""
+    opts = ServeOptions(kit=kits / "server", listen=f"127.0.0.1:{server.port}", state_dir=tmp_path / "state",
+                        metrics_port=0, health_port=0)
+    second = ServerDaemon(CONFIG, opts)
+    with pytest.raises(ConfigError, match="could not bind"):
+        second.start()
+    assert second.stop_event.is_set()  # what it had bound (health, metrics) is released
+    opts = dataclasses.replace(opts, listen="127.0.0.1:0", health_port=server.health_port)
+    with pytest.raises(ConfigError, match="health-port"):
+        ServerDaemon(CONFIG, opts).start()
+    opts = dataclasses.replace(opts, health_port=0, metrics_port=server.metrics_port)
+    with pytest.raises(ConfigError, match="metrics-port"):
+        ServerDaemon(CONFIG, opts).start()
+
+
+def test_clock_survives_a_failing_deadline_check(kits, tmp_path):
+    daemon = start_server(kits / "server", tmp_path / "state")
+    try:
+        calls = []
+
+        def failing_tick():
+            calls.append(1)
+            raise OSError("disk full")
+
+        daemon.federation.tick = failing_tick
+        deadline = time.monotonic() + 10
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(calls) >= 3, "the clock thread died at the first failure"
+    finally:
+        daemon.stop(grace=0)
 
 
 def test_health_not_serving_after_stop(kits, tmp_path):

@@ -294,9 +294,18 @@ def fingerprint_of(spec: ModelSpec, modules: list[nn.Module]) -> str:
     return digest.hexdigest()
 
 
+def _quiet_transformers() -> None:
+    """No load reports or progress bars: a missing pooler in MiniLM is expected, not news."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 @functools.lru_cache(maxsize=4)
 def build_backbone(spec: ModelSpec) -> Backbone:
     """The process-wide frozen backbone for ``spec`` (cached: every model shares it)."""
+    _quiet_transformers()
     if spec.backbone == "flava":
         parts = _build_flava(spec)
     elif spec.backbone == "vilt":

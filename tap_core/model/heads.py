@@ -78,10 +78,17 @@ class TextDecoderHead(nn.Module):
         # Frozen and shared with the backbone: a plain attribute, so it is no parameter or buffer of this head.
         self.__dict__["output_embeddings"] = output_embeddings
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with a boolean ``positions`` mask (B, T), only those rows: (N, V).
+
+        Training only needs the target positions (an answer is often 1-2 of 8), and the
+        vocabulary projection is the head's most expensive step.
+        """
         h = self.positions.unsqueeze(0) + self.condition(z).unsqueeze(1)
         a = self.norm1(h)
         h = h + self.attention(a, a, a, need_weights=False)[0]
         h = h + self.ffn(self.norm2(h))
+        if positions is not None:
+            h = h[positions]
         e = F.normalize(self.to_embedding(self.norm_out(h)), dim=-1) * self.log_scale.exp()
         return F.linear(e, self.output_embeddings, self.vocab_bias)  # one fused matmul + bias over the vocabulary

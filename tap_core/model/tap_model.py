@@ -23,6 +23,8 @@ from tap_core.model.heads import ClassificationHead, ImageDecoderHead, TextDecod
 from tap_core.model.layers import DomainAdapter, Expert, FusionBlock, ModalityEncoder, SharedProjection
 from tap_core.seeding import derive_seed, torch_seed
 
+PAD_ID = 0  # [PAD] in BERT vocabularies: padding of text inputs and generation targets
+
 ComponentValues = dict[str, dict[str, torch.Tensor]]  # component -> local parameter name -> tensor
 
 
@@ -168,8 +170,13 @@ class TapModel(nn.Module):
             pooled.append(self.route(h, mask, modality_side, family_side, task.domain))
         return torch.stack(pooled).mean(0)
 
-    def forward(self, task_name: str, batch: Batch) -> torch.Tensor:
-        return self.part(C.head(task_name))(self.features(task_name, batch))
+    def forward(self, task_name: str, batch: Batch, targets_only: bool = False) -> torch.Tensor:
+        """The task's output. ``targets_only``: text generation returns logits at target positions only (N, V)."""
+        head = self.part(C.head(task_name))
+        z = self.features(task_name, batch)
+        if targets_only and isinstance(head, TextDecoderHead):
+            return head(z, batch.target_ids != PAD_ID)
+        return head(z)
 
     # -- component values ---------------------------------------------------
 

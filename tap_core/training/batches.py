@@ -13,10 +13,8 @@ import torch
 from tap_core.config import ModelSpec, TaskSpec
 from tap_core.data.types import Examples, TaskData
 from tap_core.errors import ConfigError, DataError
-from tap_core.model.tap_model import Batch
+from tap_core.model.tap_model import PAD_ID, Batch
 from tap_core.seeding import generator
-
-PAD_ID = 0
 
 
 @functools.lru_cache(maxsize=4)
@@ -55,10 +53,16 @@ class SplitTensors:
             return None if t is None else t[index]
 
         images = take(self.images)
+        input_ids, mask = take(self.input_ids), take(self.attention_mask)
+        if mask is not None:
+            # pad to the longest text in this batch, not to max_text_len: padding is masked everywhere,
+            # and short questions then cost a fraction of the compute
+            length = max(int(mask.sum(1).max()), 1)
+            input_ids, mask = input_ids[:, :length], mask[:, :length]
         return Batch(
             images=None if images is None else images.float().div_(255.0),
-            input_ids=take(self.input_ids),
-            attention_mask=take(self.attention_mask),
+            input_ids=input_ids,
+            attention_mask=mask,
             labels=take(self.labels),
             target_ids=take(self.target_ids),
         )

@@ -14,6 +14,8 @@ def task_loss(kind: str, output: torch.Tensor, batch: Batch) -> torch.Tensor:
     if kind == "classification":
         return F.cross_entropy(output, batch.labels)
     if kind == "text_generation":
+        if output.dim() == 2:  # logits at the target positions only (TapModel(..., targets_only=True))
+            return F.cross_entropy(output, batch.target_ids[batch.target_ids != PAD_ID])
         return F.cross_entropy(output.flatten(0, 1), batch.target_ids.flatten(), ignore_index=PAD_ID)
     if kind == "image_generation":
         return F.mse_loss(output, batch.images)
@@ -39,5 +41,5 @@ def kd_logits(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
 def kd_loss(kind: str, teacher: torch.Tensor, student: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
     if kind == "image_generation":  # regression output: match the teacher's image
         return F.mse_loss(student.float(), teacher.float())
-    mask = batch.target_ids != PAD_ID if kind == "text_generation" else None
+    mask = batch.target_ids != PAD_ID if kind == "text_generation" and student.dim() == 3 else None
     return kd_logits(teacher, student, temperature, mask)

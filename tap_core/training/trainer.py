@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 
 from tap_core.config import TrainConfig
-from tap_core.errors import ConfigError
+from tap_core.errors import ConfigError, TrainingDiverged
 from tap_core.model.tap_model import TapModel
 from tap_core.seeding import derive_seed, torch_seed
 from tap_core.training.batches import TaskTensors, ordered_batches, sample_batches
@@ -119,12 +119,12 @@ class Trainer:
                         batch = next(streams[name]).to(self.device)
                         samples += len(batch)
                         with self.autocast():
-                            output = model(name, batch)
+                            output = model(name, batch, targets_only=True)
                             loss = task_loss(tensors.task.kind, output, batch)
                             total = loss
                             if distill is not None:
                                 with torch.no_grad():
-                                    teacher_out = distill.teacher(name, batch)
+                                    teacher_out = distill.teacher(name, batch, targets_only=True)
                                 kd = kd_loss(tensors.task.kind, teacher_out, output, batch, distill.temperature)
                                 total = loss + distill.weights[name] * kd
                                 kd_sums[name] += kd.detach()
@@ -140,7 +140,7 @@ class Trainer:
         losses = {n: float(s) / count for n, s in sums.items()}
         bad = [n for n, v in losses.items() if not math.isfinite(v)]
         if bad:
-            raise FloatingPointError(f"task {bad[0]}: the training loss became {losses[bad[0]]}; lower peak_lr")
+            raise TrainingDiverged(f"task {bad[0]}: the training loss became {losses[bad[0]]}; lower peak_lr or grad_clip")
         return PhaseResult(
             losses=losses,
             steps=steps,
@@ -161,7 +161,7 @@ class Trainer:
         for batch in ordered_batches(data, self.cfg.eval_batch_size, limit):
             batch = batch.to(self.device)
             with self.autocast():
-                output = model(tensors.task.name, batch)
+                output = model(tensors.task.name, batch, targets_only=True)
             total += float(task_loss(tensors.task.kind, output, batch)) * len(batch)
             count += len(batch)
         return total / max(count, 1)
