@@ -58,11 +58,11 @@ def tensor_to_bytes(tensor: torch.Tensor, dtype: str) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def bytes_to_tensor(buffer: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    if not buffer:
+def bytes_to_tensor(buffer: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``buffer`` (uint8, little-endian) without copying it."""
+    if buffer.size == 0:
         return torch.empty(shape, dtype=WIRE_TORCH_DTYPES[dtype])
-    tensor = torch.frombuffer(buffer, dtype=WIRE_TORCH_DTYPES[dtype])
-    return tensor.reshape(shape)
+    return torch.from_numpy(buffer).view(WIRE_TORCH_DTYPES[dtype]).reshape(shape)
 
 
 @dataclass
@@ -120,7 +120,7 @@ def frame_wire_bytes(frame: pb.TensorFrame) -> int:
 
 @dataclass
 class _Partial:
-    buffer: bytearray
+    buffer: np.ndarray  # uint8, uninitialised until filled: no zeroing pass over large tensors
     received: int
     crc: int
     shape: tuple[int, ...]
@@ -206,7 +206,7 @@ class StreamDecoder:
             if tuple(piece.shape) != tuple(shape):
                 self._fail("wrong_shape", f"{component}/{name}: shape {tuple(piece.shape)}, expected {tuple(shape)}")
             nbytes = int(np.prod(shape, dtype=np.int64)) * bytes_per_element(self.dtype)
-            partial = self._partial[key] = _Partial(bytearray(nbytes), 0, piece.crc32, tuple(shape))
+            partial = self._partial[key] = _Partial(np.empty(nbytes, np.uint8), 0, piece.crc32, tuple(shape))
         elif piece.offset != partial.received:
             self._fail("malformed", f"{component}/{name}: piece at offset {piece.offset}, expected {partial.received}")
         end = partial.received + len(piece.data)
@@ -215,7 +215,7 @@ class StreamDecoder:
         self.received += len(piece.data)
         if self.received > self.limit:
             self._fail("oversize", f"stream exceeds the {self.limit} bytes it announced")
-        partial.buffer[partial.received : end] = piece.data
+        partial.buffer[partial.received : end] = np.frombuffer(piece.data, np.uint8)
         partial.received = end
         if end == len(partial.buffer):
             if zlib.crc32(partial.buffer) != partial.crc:
