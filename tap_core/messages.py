@@ -7,6 +7,7 @@ has ``to_json``/``from_json`` so it can also be persisted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +60,19 @@ class ReplacementEvent:
     margin: float
     components: list[str]
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON has no infinity: the first participation's +inf personal loss is written as null."""
+        data = asdict(self)
+        data["personal_loss"] = None if not math.isfinite(self.personal_loss) else self.personal_loss
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ReplacementEvent":
+        loss = data.get("personal_loss")
+        return cls(round=int(data["round"]), task=str(data["task"]), global_loss=float(data["global_loss"]),
+                   personal_loss=math.inf if loss is None else float(loss), margin=float(data["margin"]),
+                   components=[str(c) for c in data["components"]])
+
 
 @dataclass
 class RoundStats:
@@ -72,28 +86,18 @@ class RoundStats:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for event in data["replacements"]:
-            event["personal_loss"] = _finite_or_none(event["personal_loss"])
+        data["replacements"] = [e.to_json() for e in self.replacements]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "RoundStats":
-        events = []
-        for e in data.get("replacements", []):
-            e = dict(e)
-            e["personal_loss"] = float("inf") if e.get("personal_loss") is None else float(e["personal_loss"])
-            events.append(ReplacementEvent(**e))
         return cls(
             task_losses={str(k): float(v) for k, v in data.get("task_losses", {}).items()},
             personal_losses={str(k): float(v) for k, v in data.get("personal_losses", {}).items()},
-            replacements=events,
+            replacements=[ReplacementEvent.from_json(e) for e in data.get("replacements", [])],
             train_seconds=float(data.get("train_seconds", 0.0)),
             samples_seen=int(data.get("samples_seen", 0)),
         )
-
-
-def _finite_or_none(value: float) -> float | None:
-    return None if value in (float("inf"), float("-inf")) or value != value else value
 
 
 @dataclass

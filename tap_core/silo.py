@@ -43,22 +43,15 @@ class SiloState:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for event in data["events"]:
-            if math.isinf(event["personal_loss"]):
-                event["personal_loss"] = None
+        data["events"] = [e.to_json() for e in self.events]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SiloState":
-        events = []
-        for e in data.get("events", []):
-            e = dict(e)
-            e["personal_loss"] = math.inf if e.get("personal_loss") is None else float(e["personal_loss"])
-            events.append(ReplacementEvent(**e))
         return cls(
             personal_losses={k: float(v) for k, v in data.get("personal_losses", {}).items()},
             replacements={k: int(v) for k, v in data.get("replacements", {}).items()},
-            events=events,
+            events=[ReplacementEvent.from_json(e) for e in data.get("events", [])],
             rounds_done=[int(r) for r in data.get("rounds_done", [])],
             personal_initialised=bool(data.get("personal_initialised", False)),
         )

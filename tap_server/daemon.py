@@ -112,9 +112,11 @@ class ServerDaemon:
             self.metrics_port = self._http.server_port
         self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
                                      expected_silos=len(self.auth.provisioned))
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=opts.max_workers),
+        # every silo may hold a worker in a long poll (and one streaming); keep room for uploads beside them
+        workers = max(opts.max_workers, 4 * len(self.auth.provisioned) + 16)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                              options=channel_options(self.config) + [NO_PORT_SHARING],
-                             maximum_concurrent_rpcs=opts.max_workers * 4)
+                             maximum_concurrent_rpcs=workers * 4)
         pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation, self.auth, self.metrics), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
