@@ -47,7 +47,11 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"{t['silo']}\n{t['task']}" for t in report["tasks"]]
-    left.bar(range(len(labels)), [t["primary"] for t in report["tasks"]], color="tab:blue")
+    names = sorted({t["task"] for t in report["tasks"]})
+    palette = matplotlib.colormaps["tab10"]
+    colours = {name: palette(i % 10) for i, name in enumerate(names)}
+    left.bar(range(len(labels)), [t["primary"] for t in report["tasks"]],
+             color=[colours[t["task"]] for t in report["tasks"]])
     left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     left.set_ylabel("primary score (higher is better)")
     left.set_title(f"{report['algorithm']}: per-task scores (mean {report['mean_primary']:.3f})")
@@ -58,6 +62,7 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
         rounds = [h["round"] for h in history if task in h["task_losses"]]
         right.plot(rounds, [h["task_losses"][task] for h in history if task in h["task_losses"]], marker="o", label=task)
     right.set_xlabel("round")
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set_ylabel("global-copy training loss")
     right.set_yscale("log")
     right.set_title("loss per round")
