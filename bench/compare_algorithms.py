@@ -108,6 +108,7 @@ def main() -> int:
     parser.add_argument("--peak-lr", type=float, default=None)
     parser.add_argument("--ft-steps", type=int, default=None)
     parser.add_argument("--kd-steps", type=int, default=None)
+    parser.add_argument("--kd-weight", type=float, default=None, help="one KD weight for every task (0: no KD term)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/compare"))
@@ -119,7 +120,8 @@ def main() -> int:
             runs.append(dict(scenario=args.scenario, algorithm=algorithm, rounds=args.rounds, seed=seed, model=args.model,
                              clients_per_round=None, local_steps=args.local_steps, batch_size=args.batch_size,
                              grad_accum=None, peak_lr=args.peak_lr, min_lr=None, replacement=None, margin=None,
-                             ft_steps=args.ft_steps, kd_steps=args.kd_steps, kd_temperature=None, device=args.device,
+                             ft_steps=args.ft_steps, kd_steps=args.kd_steps, kd_temperature=None, kd_weight=args.kd_weight,
+                             device=args.device,
                              threads=None, wire_dtype=None))
     reports = []
     started = time.perf_counter()

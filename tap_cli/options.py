@@ -52,6 +52,8 @@ def training_options(func: Callable) -> Callable:
         click.option("--ft-steps", type=click.IntRange(min=0), default=None),
         click.option("--kd-steps", type=click.IntRange(min=0), default=None),
         click.option("--kd-temperature", type=float, default=None),
+        click.option("--kd-weight", type=float, default=None,
+                     help="One distillation weight for every task (0: stage 2 without the KD term)."),
         click.option("--device", default=None, help="auto | cpu | cuda"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process."),
         click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=None),
@@ -69,6 +71,7 @@ def config_from_options(opts: dict[str, Any]):
         "ft_steps": opts["ft_steps"], "kd_steps": opts["kd_steps"], "kd_temperature": opts["kd_temperature"],
         "device": opts["device"], "threads": opts["threads"],
         "margins": {"default": opts["margin"]} if opts["margin"] is not None else None,
+        "kd_weights": {"default": opts["kd_weight"]} if opts.get("kd_weight") is not None else None,
     }
     federation = {"clients_per_round": opts["clients_per_round"]}
     if opts["wire_dtype"]:
