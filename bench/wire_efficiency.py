@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -37,7 +36,7 @@ from tap_cli.compose import MODEL_PRESETS
 from tap_core.messages import SiloDeclaration
 
 
-def silo_plans(preset: str) -> dict[str, ModelPlan]:
+def silo_plans() -> dict[str, ModelPlan]:
     scenario = load_scenario("tap-bench-mini")
     decls = [SiloDeclaration(s.id, s.tasks, {t.name: 1 for t in s.tasks},
                              {t.name: ["a", "b"] for t in s.tasks if t.kind == "classification"}, "-")
@@ -53,7 +52,7 @@ def efficiency(presets: list[str], dtypes: list[str], chunk: int) -> None:
         spec = ModelSpec(**{k: v for k, v in MODEL_PRESETS[preset].items()})
         backbone = build_backbone(spec)
         for dtype in dtypes:
-            for silo, plan in silo_plans(preset).items():
+            for silo, plan in silo_plans().items():
                 model = TapModel(plan, backbone, seed=0)
                 values, layout = model.values(), model.manifest()
                 trainable = payload_bytes(values, dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from statistics import mean
 from typing import Any
 
 
@@ -74,16 +73,3 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def summarise(reports: list[dict[str, Any]]) -> dict[str, tuple[float, float]]:
-    """Mean and standard deviation of mean_primary per algorithm over several reports (seeds)."""
-    by_algorithm: dict[str, list[float]] = {}
-    for r in reports:
-        by_algorithm.setdefault(r["algorithm"], []).append(r["mean_primary"])
-    out = {}
-    for name, values in by_algorithm.items():
-        m = mean(values)
-        sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        out[name] = (m, sd)
-    return out

@@ -129,9 +129,6 @@ class Backbone:
     fingerprint: str = ""
     output_embeddings: torch.Tensor | None = None  # normalised word embeddings: the text decoder's output layer
 
-    def frozen_modules(self) -> nn.ModuleDict:
-        return nn.ModuleDict({"image": self.image_tower, "text": self.text_tower})
-
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "Backbone":
         """Move (and optionally cast) the frozen weights in place; every model sharing them follows.
 

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from tap_core.config import SHARED, ModelSpec, TaskSpec
+from tap_core.config import ModelSpec, TaskSpec
 from tap_core.errors import ModelMismatchError
 from tap_core.model import components as C
 from tap_core.model.backbone import Backbone
@@ -47,10 +47,6 @@ class ModelPlan:
 
     def task_components(self, name: str) -> list[str]:
         return C.task_components(self.task(name), self.fusion_layers)
-
-    def restricted_to(self, task_names: Iterable[str]) -> "ModelPlan":
-        wanted = set(task_names)
-        return ModelPlan(tuple(t for t in self.tasks if t.name in wanted), self.fusion_layers)
 
 
 def module_key(component: str) -> str:
