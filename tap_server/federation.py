@@ -247,6 +247,8 @@ class Federation:
             self.changed.notify_all()
 
     def _close_round(self) -> None:
+        if self.metrics:
+            self.metrics.set_phase("aggregating")
         started = time.perf_counter()
         self.global_values = self.aggregator.result(self.global_values)
         seconds = time.perf_counter() - started
