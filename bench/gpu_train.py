@@ -20,7 +20,7 @@ import time
 import torch
 
 from tap_core.config import ModelSpec, TaskSpec, TrainConfig
-from tap_core.model import build_backbone
+from tap_core.model.backbone import backbone_on
 from tap_core.model.tap_model import ModelPlan, TapModel
 from tap_core.training.batches import SplitTensors, TaskTensors
 from tap_core.silo import frozen_dtype
@@ -52,8 +52,7 @@ def synthetic_tasks(n: int, image_size: int, vocab: int, seed: int = 0) -> dict[
 def measure(size: str, device_name: str, steps: int, batch: int, amp: bool) -> dict:
     spec = ModelSpec(size=size)
     device = select_device(device_name)
-    build_backbone.cache_clear()  # a fresh fp32 backbone: a bf16 run casts the shared one in place
-    backbone = build_backbone(spec).to(device, frozen_dtype(device, amp))
+    backbone = backbone_on(spec, device, frozen_dtype(device, amp))
     tasks = synthetic_tasks(max(4 * batch, 64), backbone.image_size, backbone.word_embeddings.shape[0])
     model = TapModel(ModelPlan(tuple(t.task for t in tasks.values())), backbone, seed=0)
     cfg = TrainConfig(batch_size=batch, amp=amp, local_steps=steps)
@@ -83,7 +82,7 @@ def profile(size: str, device_name: str, batch: int) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = select_device(device_name)
-    backbone = build_backbone(ModelSpec(size=size)).to(device)
+    backbone = backbone_on(ModelSpec(size=size), device, frozen_dtype(device, True))
     tasks = synthetic_tasks(max(4 * batch, 64), backbone.image_size, backbone.word_embeddings.shape[0])
     model = TapModel(ModelPlan(tuple(t.task for t in tasks.values())), backbone, seed=0)
     trainer = Trainer(TrainConfig(batch_size=batch), device)

@@ -30,6 +30,7 @@ from tap_core.errors import TapError
 from tap_cli.options import config_from_options, friendly_errors, training_options, write_outputs
 
 GENERATED = ("kits", "state", "clients", "logs", "silos")
+MARKER = ".tap-demo"
 
 
 def free_port() -> int:
@@ -132,9 +133,14 @@ class Processes:
 def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationConfig, device: str | None) -> None:
     from tap_server.provision import provision
 
-    for name in GENERATED:
+    marker = layout.root / MARKER
+    if layout.root.is_dir() and any(layout.root.iterdir()) and not marker.is_file():
+        raise TapError(f"--workdir {layout.root} is not empty and was not made by tap demo: "
+                       "choose a new or empty folder (the demo replaces its own output there)")
+    for name in GENERATED:  # only the demo's own output, in a folder the demo made
         shutil.rmtree(layout.root / name, ignore_errors=True)
     layout.root.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by tap demo; its next run replaces kits/ state/ clients/ logs/ silos/ here\n")
     provision(layout.kits, [s.id for s in scenario.silos], ["127.0.0.1", "localhost"])
     federation = to_mapping(config)
     federation["expected_silos"] = len(scenario.silos)

@@ -24,7 +24,7 @@ def results_table(report: dict[str, Any]) -> str:
     lines.append("-" * len(header))
     for name, info in report.get("per_task", {}).items():
         lines.append(f"{'mean':<16} {name:<18} {'':<17} {info['mean_primary']:>8.4f}  ({info['silos']} silos)")
-    lines.append(f"{'mean over silos':<53} {report['mean_primary']:>8.4f}")
+    lines.append(f"{'mean over silos':<53} {_fmt(report['mean_primary']):>8}")
     replacements = sum(sum(v.values()) for v in report.get("replacements", {}).values())
     wire = report.get("wire", {})
     lines.append(f"replacements: {replacements}   wire: {wire.get('bytes_down', 0) / 1e6:.2f} MB down, "
@@ -53,8 +53,9 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
              color=[colours[t["task"]] for t in report["tasks"]])
     left.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     left.set_ylabel("primary score (higher is better)")
-    left.set_title(f"{report['algorithm']}: per-task scores (mean {report['mean_primary']:.3f})")
-    left.axhline(report["mean_primary"], color="tab:red", linestyle="--", linewidth=1)
+    left.set_title(f"{report['algorithm']}: per-task scores (mean {_fmt(report['mean_primary'], 3)})")
+    if report["mean_primary"] is not None:
+        left.axhline(report["mean_primary"], color="tab:red", linestyle="--", linewidth=1)
     history = report.get("history", [])
     tasks = sorted({t for h in history for t in h.get("task_losses", {})})
     for task in tasks:

@@ -10,12 +10,14 @@ of the agent (or of the server) loses nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import torch
@@ -23,7 +25,7 @@ import torch
 from tap_core.algorithms import get_algorithm
 from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, to_mapping, validate_federation
 from tap_core.errors import TapError, WireError
-from tap_core.messages import ClientUpdate
+from tap_core.messages import NOT_JOINED, ClientUpdate
 from tap_core.model.tap_model import ComponentValues
 from tap_core.plan import plan_from_json
 from tap_core.proto.tap.v1 import federation_pb2 as pb
@@ -53,6 +55,21 @@ class AgentOptions:
     threads: int | None = None
     server_name: str | None = None
     metrics_port: int | None = None
+
+
+@contextlib.contextmanager
+def tolerate_moved_on(what: str) -> Iterator[None]:
+    """A stale or duplicate refusal means the server moved on or already has it: wait for the next assignment.
+
+    Any other refusal means what was sent is invalid (NaN, shape, weights, size...); the saved copy would be
+    re-sent on every poll, so the agent stops instead.
+    """
+    try:
+        yield
+    except Refused as exc:
+        if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+            raise
+        log.warning("%s not accepted: %s", what, exc)
 
 
 class Heartbeats:
@@ -100,6 +117,7 @@ class Agent:
         validate_federation(config)
         self.config = config
         self.silo_id = response.silo_id
+        self.store.claim(response.federation_id, response.silo_id)
         self.heartbeat_s = max(1.0, response.heartbeat_interval_s)
         self.connection.open(config)  # the federation's message limits
         log.info("hello: this is silo %s; federation %s runs %s for %d rounds", self.silo_id, config.name,
@@ -115,10 +133,7 @@ class Agent:
         self.algorithm = get_algorithm(config)
         saved = self.store.load_silo()
         if saved is not None:
-            silo_id, state, personal = saved
-            if silo_id != self.silo_id:
-                raise TapError(f"state dir {self.options.state_dir} belongs to silo {silo_id}, not {self.silo_id}; "
-                               "use another --state")
+            _, state, personal = saved  # claim() already checked the directory belongs to this silo
             self.runtime.state = state
             self._restored = personal
             log.info("resumed local state: rounds done %s", state.rounds_done)
@@ -144,6 +159,10 @@ class Agent:
         while True:
             assignment = self.connection.call(
                 "poll", lambda s: s.Poll(pb.PollRequest(wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + 30))
+            if assignment.action == pb.Assignment.WAIT and assignment.message == NOT_JOINED:
+                log.info("the server does not know this silo (it restarted before the federation began): joining again")
+                self.join()
+                continue
             if assignment.plan_json:
                 self.runtime.set_plan(plan_from_json(json.loads(assignment.plan_json)))
                 self._restore_personal()
@@ -190,13 +209,9 @@ class Agent:
             if self.metrics:
                 self.metrics.record_result(result)
         payload = json.dumps(result.to_json())
-        try:
+        with tolerate_moved_on("results"):
             self.connection.call("report results",
                                  lambda s: s.ReportResults(pb.ResultsRequest(results_json=payload), timeout=60))
-        except Refused as exc:
-            if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                raise  # invalid results: re-sending the saved ones on every poll would never end
-            log.warning("results not recorded: %s", exc)
         for task in result.tasks:
             log.info("final %s: %s", task.task, {k: round(v, 4) for k, v in task.metrics.items()})
 
@@ -224,14 +239,7 @@ class Agent:
             frames = encode_stream(update.values, layout, cfg.dtype, cfg.chunk_bytes, info)
             return stub.Upload(frames, timeout=STREAM_TIMEOUT_S)
 
-        try:
+        with tolerate_moved_on(f"upload of round {update.round}"):
             ack = self.connection.call(f"upload round {update.round}", send)
             log.info("round %d uploaded (%d bytes)", update.round, ack.payload_bytes)
-        except Refused as exc:
-            if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                # the update itself is invalid (NaN, shape, weights, size...): the server would keep asking for
-                # this round and the agent would keep re-sending the same saved update, so stop here
-                raise
-            # the server moved on (deadline) or already has it: nothing to do but wait for the next assignment
-            log.warning("upload of round %d not accepted: %s", update.round, exc)
 

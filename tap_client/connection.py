@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+MAX_SERVER_ERRORS = 5
 _TLS_WORDS = ("handshake", "ssl", "certificate", "tls", "x509")
 _BUSY_WORDS = ("retry", "concurrent rpc limit")  # the servicer's "busy", gRPC's maximum_concurrent_rpcs
 
@@ -123,14 +124,16 @@ class Connection:
 
     def call(self, what: str, fn: Callable[[pb_grpc.FederationStub], T], *, retry: bool = True) -> T:
         """Run ``fn(stub)``, retrying transient failures with exponential backoff and jitter."""
-        delay, started = 0.5, time.monotonic()
+        delay, started, server_errors = 0.5, time.monotonic(), 0
         while True:
             try:
                 return fn(self.stub)
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 self.raise_if_final(what, code, details)
-                if not retry or time.monotonic() - started > self.give_up_after_s:
+                # a server-side error may be transient (a restart), but not forever
+                server_errors += code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+                if not retry or time.monotonic() - started > self.give_up_after_s or server_errors > MAX_SERVER_ERRORS:
                     raise Refused(code, f"{what}: {code.name}: {details}") from exc
                 log.warning("%s failed (%s: %s); retrying in %.1fs", what, code.name, details[:200], delay)
                 time.sleep(delay * (0.8 + 0.4 * random.random()))

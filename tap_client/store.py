@@ -4,6 +4,7 @@ Layout of ``--state DIR``:
 
     silo.json + silo-<tag>.safetensors      SiloState and the personal model (trainable values)
     update.json + update-<tag>.safetensors  the last round's upload, kept until the server moves on
+    federation.json                        which federation and silo this directory belongs to
     results.json                           stage-2 metrics (also sent to the server)
     final_model.safetensors                the silo's final model (trainable values + JSON metadata)
 
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tap_core.errors import TapError
 from tap_core.messages import ClientUpdate, RoundStats, SiloResult
 from tap_core.model.tap_model import ComponentValues
 from tap_core.silo import SiloState
@@ -30,6 +32,21 @@ class ClientStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.silo = CheckpointStore(self.directory, "silo")
         self.update = CheckpointStore(self.directory, "update")
+
+    def claim(self, federation_id: str, silo_id: str) -> None:
+        """Bind this directory to one federation and silo; refuse state written for another."""
+        marker = self.directory / "federation.json"
+        if marker.is_file():
+            owner = json.loads(marker.read_text())
+            if owner != {"federation_id": federation_id, "silo": silo_id}:
+                raise TapError(
+                    f"state dir {self.directory} belongs to silo {owner.get('silo')} of federation "
+                    f"{owner.get('federation_id', '?')[:12]}…, not silo {silo_id} of {federation_id[:12]}…; "
+                    "use another --state (or delete this one to start over)")
+            return
+        if any(self.directory.iterdir()):
+            raise TapError(f"state dir {self.directory} is not empty and was not written by tap-client; use another --state")
+        atomic_write_json(marker, {"federation_id": federation_id, "silo": silo_id})
 
     # personal model + histories
 

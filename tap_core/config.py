@@ -368,6 +368,10 @@ def validate_federation(cfg: FederationConfig, where: str = "federation") -> Non
            "must be between 64 KiB and 16 MiB", "1-4 MiB is a good choice")
     _check(cfg.wire.max_message_bytes >= cfg.wire.chunk_bytes + 64 * 1024, f"{where}.wire.max_message_bytes",
            "must exceed chunk_bytes by at least 64 KiB")
+    if cfg.expected_silos is not None:
+        _check(cfg.expected_silos >= cfg.min_clients, f"{where}.expected_silos", "must be >= min_clients")
+    for name in ("join_s", "round_s", "finish_s", "heartbeat_s"):
+        _check(getattr(cfg.deadlines, name) > 0, f"{where}.deadlines.{name}", "must be > 0 seconds")
     validate_model(cfg.model, f"{where}.model")
     validate_train(cfg.train, f"{where}.train")
 

@@ -14,6 +14,8 @@ from typing import Any
 from tap_core.config import TaskSpec, from_mapping, to_mapping
 from tap_core.model.tap_model import ComponentValues
 
+NOT_JOINED = "not joined"  # the 'wait' message for a silo the server does not know (it must join again)
+
 
 @dataclass
 class SiloDeclaration:

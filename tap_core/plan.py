@@ -59,8 +59,8 @@ def silo_plan(declaration: SiloDeclaration, tasks: dict[str, TaskSpec], fusion_l
             raise ConfigError(f"silo {declaration.silo} task {task.name}", "is not part of this federation's plan",
                               "the plan is fixed once the first round starts; restart the federation to add tasks")
         united = tasks[task.name]
-        # the silo keeps its own domain tag (same head, its own domain adapters)
-        own.append(dataclasses.replace(united, domain=task.domain))
+        # the silo keeps its own domain tag (same head, its own domain adapters) and its own overrides
+        own.append(dataclasses.replace(united, domain=task.domain, margin=task.margin, kd_weight=task.kd_weight))
     return ModelPlan(tuple(own), fusion_layers)
 
 
@@ -89,3 +89,13 @@ def plan_from_json(data: dict) -> ModelPlan:
 
     tasks = tuple(from_mapping(TaskSpec, t, f"plan.tasks[{i}]") for i, t in enumerate(data["tasks"]))
     return ModelPlan(tasks, int(data["fusion_layers"]))
+
+
+def component_weights(plan: ModelPlan, train_samples: dict[str, int], components: list[str]) -> dict[str, float]:
+    """Aggregation weight per component: the training samples of the plan's tasks that use it."""
+    weights = {c: 0.0 for c in components}
+    for task in plan.tasks:
+        for component in plan.task_components(task.name):
+            if component in weights:
+                weights[component] += float(train_samples.get(task.name, 0))
+    return weights

@@ -18,8 +18,9 @@ import torch
 from tap_core.config import FederationConfig, SiloSpec
 from tap_core.data.types import TaskData
 from tap_core.messages import ReplacementEvent, SiloDeclaration, TaskResult
-from tap_core.model import build_backbone
+from tap_core.model.backbone import backbone_on
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
+from tap_core.plan import component_weights
 from tap_core.seeding import derive_seed
 from tap_core.training.batches import TaskTensors, load_tokenizer, to_tensors
 from tap_core.training.metrics import PRIMARY
@@ -36,7 +37,6 @@ class SiloState:
     replacements: dict[str, int] = field(default_factory=dict)
     events: list[ReplacementEvent] = field(default_factory=list)
     rounds_done: list[int] = field(default_factory=list)
-    personal_initialised: bool = False
 
     def personal_loss(self, task: str) -> float:
         return self.personal_losses.get(task, math.inf)
@@ -53,7 +53,6 @@ class SiloState:
             replacements={k: int(v) for k, v in data.get("replacements", {}).items()},
             events=[ReplacementEvent.from_json(e) for e in data.get("events", [])],
             rounds_done=[int(r) for r in data.get("rounds_done", [])],
-            personal_initialised=bool(data.get("personal_initialised", False)),
         )
 
 
@@ -68,7 +67,7 @@ class SiloRuntime:
         self.data = data
         self.config = config
         self.device = device
-        self.backbone = build_backbone(config.model).to(device, frozen_dtype(device, config.train.amp))
+        self.backbone = backbone_on(config.model, device, frozen_dtype(device, config.train.amp))
         self.trainer = Trainer(config.train, device)
         self.state = SiloState()
         self.plan: ModelPlan | None = None
@@ -148,8 +147,10 @@ class SiloRuntime:
                  {k: round(v, 4) for k, v in result.losses.items()})
         return result
 
-    def val_losses(self, model: TapModel) -> dict[str, float]:
-        return {name: self.trainer.eval_loss(model, tensors, "val") for name, tensors in self.tensors.items()}
+    def val_losses(self, model: TapModel, fallback: dict[str, float]) -> dict[str, float]:
+        """Loss per task on its validation slice; ``fallback`` (the training loss) where a task has none."""
+        return {name: self.trainer.eval_loss(model, tensors, "val") if len(tensors.val) else fallback[name]
+                for name, tensors in self.tensors.items()}
 
     def evaluate(self, model: TapModel) -> list[TaskResult]:
         results = []
@@ -162,10 +163,4 @@ class SiloRuntime:
     def component_weights(self, components: list[str]) -> dict[str, float]:
         """Per component: the training samples of this silo's tasks that use it (aggregation weight)."""
         assert self.plan is not None
-        weights = {c: 0.0 for c in components}
-        for task in self.plan.tasks:
-            samples = float(len(self.tensors[task.name].train))
-            for component in self.plan.task_components(task.name):
-                if component in weights:
-                    weights[component] += samples
-        return weights
+        return component_weights(self.plan, {name: len(t.train) for name, t in self.tensors.items()}, components)

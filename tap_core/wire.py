@@ -34,6 +34,7 @@ Layout = Mapping[str, list[tuple[str, tuple[int, ...]]]]  # component -> ordered
 DTYPE_TO_PROTO = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
 PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message framing, per message
+FRAMING_ALLOWANCE = 1 << 20  # bytes of headers and framing a stream may add beyond 2x its tensors
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -182,6 +183,9 @@ class StreamDecoder:
             self._start(frame.header)
         elif self.header is None:
             self._fail("malformed", "the first frame carries no stream header")
+        if self.wire_bytes > 2 * self.limit + FRAMING_ALLOWANCE:
+            # empty or tiny frames cost nothing in payload: bound the stream itself, not just its tensors
+            self._fail("oversize", f"{self.wire_bytes} bytes of frames for {self.limit} bytes of tensors")
         for piece in frame.pieces:
             self._piece(piece)
 

@@ -24,3 +24,15 @@ def quantize(values: Mapping[str, Mapping[str, torch.Tensor]], dtype: str) -> di
     if wire == torch.float32:
         return {c: dict(t) for c, t in values.items()}
     return {c: {n: t.to(wire).to(torch.float32) for n, t in ts.items()} for c, ts in values.items()}
+
+
+def layout_bytes(layout: Mapping[str, list[tuple[str, tuple[int, ...]]]], dtype: str) -> int:
+    """Raw bytes of every tensor of a layout (component -> [(name, shape)]) at ``dtype``."""
+    elements = 0
+    for tensors in layout.values():
+        for _, shape in tensors:
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            elements += count
+    return elements * bytes_per_element(dtype)

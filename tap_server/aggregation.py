@@ -1,9 +1,10 @@
 """Streaming, per-component, sample-weighted averaging (TAP_SPEC §3.6).
 
 One running sum per component tensor, never one copy per client: memory is
-flat in the number of clients. Sums are kept in float64, which makes the result
-(cast back to fp32) independent of the order in which updates arrive; components
-nobody uploaded keep their value.
+flat in the number of clients. Sums are kept in float64 and cast back to fp32,
+so the order in which updates arrive changes the result only in the rare case
+where float64 rounding differences survive the cast (tests check permutations
+give identical results); components nobody uploaded keep their value.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ class StreamingAggregator:
                     sums[name] = contribution
             self._weights[component] = self._weights.get(component, 0.0) + weight
             self.contributors[component] = self.contributors.get(component, 0) + 1
-
-    def weight(self, component: str) -> float:
-        return self._weights.get(component, 0.0)
 
     def result(self, current: ComponentValues) -> ComponentValues:
         """New global values: the weighted mean where anyone uploaded, ``current`` elsewhere."""

@@ -135,15 +135,15 @@ class ServerDaemon:
             fed = self.federation
             try:
                 fed.tick()
+                self.metrics.clients_connected.set(fed.connected())
+                if fed.phase == DONE and self.options.exit_when_done:
+                    done_since = done_since or time.monotonic()
+                    everyone_told = fed.told_done >= set(fed.declarations)
+                    if everyone_told or time.monotonic() - done_since > self.options.done_grace_s:
+                        log.info("federation done; exiting (--exit-when-done)")
+                        self.stop_event.set()
             except Exception:  # e.g. a state write that failed: keep the clock (deadlines, exit) running
                 log.exception("deadline check failed; retrying")
-            self.metrics.clients_connected.set(fed.connected())
-            if fed.phase == DONE and self.options.exit_when_done:
-                done_since = done_since or time.monotonic()
-                everyone_told = fed.told_done >= set(fed.declarations)
-                if everyone_told or time.monotonic() - done_since > self.options.done_grace_s:
-                    log.info("federation done; exiting (--exit-when-done)")
-                    self.stop_event.set()
 
     def install_signal_handlers(self) -> None:
         def handle(signum, frame):

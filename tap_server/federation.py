@@ -1,9 +1,11 @@
 """The federation state machine: joins, rounds, aggregation, stage 2, the report.
 
 No gRPC here: the servicer and ``tap simulate`` call the same methods with plain
-objects. One lock owns all state; every transition that matters is persisted
-atomically (when a state directory is given) so a restarted server resumes from
-the last completed round with identical weights.
+objects. One lock owns all state. Joins, the start of every round (with the
+global values and the selection), every result and the end are persisted
+atomically when a state directory is given, so a restarted server resumes from
+the last completed round with identical weights; uploads of a round in progress
+are asked for again (agents keep them until the round closes).
 
 Phases: waiting_for_silos -> training (round 1..R) -> finishing -> done.
 """
@@ -11,30 +13,36 @@ Phases: waiting_for_silos -> training (round 1..R) -> finishing -> done.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from tap_core.algorithms import get_algorithm
 from tap_core.config import FederationConfig, to_mapping
 from tap_core.errors import ConfigError, TapError
-from tap_core.messages import ClientUpdate, RoundStats, SiloDeclaration, SiloResult
+from tap_core.messages import NOT_JOINED, ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
-from tap_core.plan import silo_plan, union_plan, united_tasks
+from tap_core.plan import component_weights, plan_from_json, plan_to_json, silo_plan, union_plan, united_tasks
+from tap_core.scenario import check_shared_tasks
+from tap_core.config import SiloSpec
 from tap_core.seeding import derive_seed
 from tap_core.store import CheckpointStore, atomic_write_json
-from tap_core.wire_size import payload_bytes
+from tap_core.wire_size import layout_bytes, payload_bytes
 from tap_server.aggregation import StreamingAggregator
 from tap_server.metrics import ServerMetrics
 from tap_server.report import build_report
-from tap_server.validation import UpdateRejected, check_update
+from tap_server.validation import (
+    UpdateRejected,
+    check_declaration,
+    check_result,
+    check_stats,
+    check_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,7 @@ class Federation:
         self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)
 
+        self.federation_id = uuid.uuid4().hex  # replaced by the stored one on resume
         self.phase = WAITING
         self.round = 0
         self.attempt = 0
@@ -102,7 +111,6 @@ class Federation:
         self.deadline: float = self.clock() + config.deadlines.join_s
         self.round_started = self.clock()
         self._counted: set[tuple[str, int, str]] = set()
-        self.report_data: dict[str, Any] | None = None
         if self.store is not None and self.store.exists():
             self._resume()
         self._publish_metrics()
@@ -112,12 +120,16 @@ class Federation:
     def register(self, decl: SiloDeclaration) -> None:
         """Admit a silo (or a returning one). Raises JoinRefused saying what differs."""
         with self._lock:
+            try:
+                check_declaration(decl)
+            except UpdateRejected as exc:
+                raise JoinRefused(exc.reason, str(exc)) from exc
             if decl.fingerprint != self.fingerprint:
                 raise JoinRefused(
                     "fingerprint_mismatch",
                     f"silo {decl.silo} runs base model {decl.fingerprint[:16]}…, the federation runs {self.fingerprint[:16]}…: "
-                    f"the frozen backbone weights or the model spec differ (model: {to_mapping(self.config.model)}); "
-                    "use the federation's model spec and the same local weights",
+                    f"the frozen backbone weights, the tokenizer or the model spec differ "
+                    f"(model: {to_mapping(self.config.model)}); use the federation's model spec and the same local files",
                 )
             known = self.declarations.get(decl.silo)
             if self.plan is not None:
@@ -125,26 +137,35 @@ class Federation:
                     raise JoinRefused("federation_started",
                                       f"silo {decl.silo} joins after the federation started; its plan is fixed. "
                                       "Raise expected_silos (or join before the join deadline) and restart the federation")
-                if _task_signature(known) != _task_signature(decl):
-                    raise JoinRefused("tasks_changed",
-                                      f"silo {decl.silo} declares different tasks than when it joined: "
-                                      f"{_task_signature(known)} before, {_task_signature(decl)} now")
+                if _comparable(known) != _comparable(decl):
+                    raise JoinRefused("declaration_changed",
+                                      f"silo {decl.silo} declares other tasks, sample counts or labels than when it joined; "
+                                      "the federation's plan is fixed: restore the silo's data and config")
             else:
-                trial = dict(self.declarations)
-                trial[decl.silo] = decl
-                try:
-                    united_tasks(trial.values())
+                others = [d for s, d in sorted(self.declarations.items()) if s != decl.silo]
+                try:  # conflicts only; completeness (e.g. two labels per task) is checked at the start
+                    check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in [*others, decl]), "federation")
                 except ConfigError as exc:
                     raise JoinRefused("tasks_conflict", str(exc)) from exc
-            self.declarations[decl.silo] = decl
-            self.touch(decl.silo)
+                self.declarations[decl.silo] = decl
+                self._persist(with_values=False)
+            self._touch(decl.silo)
             log.info("silo %s joined (%d tasks, %d registered)", decl.silo, len(decl.tasks), len(self.declarations))
             if self.phase == WAITING and self.expected_silos and len(self.declarations) >= self.expected_silos:
-                self._start()
+                try:
+                    self._start()
+                except ConfigError as exc:
+                    del self.declarations[decl.silo]
+                    self._persist(with_values=False)
+                    raise JoinRefused("tasks_conflict", f"the federation cannot start with silo {decl.silo}: {exc}") from exc
             self._publish_metrics()
             self.changed.notify_all()
 
     def touch(self, silo: str) -> None:
+        with self._lock:
+            self._touch(silo)
+
+    def _touch(self, silo: str) -> None:
         self.last_seen[silo] = self.clock()
 
     def silo_plan(self, silo: str) -> ModelPlan:
@@ -159,10 +180,11 @@ class Federation:
     # ----------------------------------------------------------------- rounds
 
     def _start(self) -> None:
-        decls = list(self.declarations.values())
+        """Fix the plan (united label spaces), initialise the global model, begin round 1."""
+        decls = [self.declarations[s] for s in sorted(self.declarations)]
+        tasks = united_tasks(decls)
         fusion = self.config.model.fusion_layers
         self.plan = union_plan(decls, fusion)
-        tasks = united_tasks(decls)
         self.silo_plans = {d.silo: silo_plan(d, tasks, fusion) for d in decls}
         model = TapModel(self.plan, build_backbone(self.config.model), self.config.seed)
         self.global_values = model.values()
@@ -191,9 +213,9 @@ class Federation:
 
     def assignment(self, silo: str) -> Assignment:
         with self._lock:
-            self.touch(silo)
+            self._touch(silo)
             if silo not in self.declarations:
-                return Assignment("wait", message="not joined")
+                return Assignment("wait", message=NOT_JOINED)
             if self.phase == TRAINING and silo in self.selected and silo not in self.received:
                 return Assignment("train", self.round, self.shared_components(silo))
             if self.phase == FINISHING and silo not in self.results:
@@ -202,6 +224,17 @@ class Federation:
                 self.told_done.add(silo)
                 return Assignment("done", self.round)
             return Assignment("wait", self.round, message=self.phase)
+
+    def wait_for_assignment(self, silo: str, timeout: float) -> Assignment:
+        """Long poll: the silo's assignment as soon as it is something other than 'wait' (or at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                current = self.assignment(silo)
+                remaining = deadline - time.monotonic()
+                if current.action != "wait" or current.message == NOT_JOINED or remaining <= 0:
+                    return current
+                self.changed.wait(remaining)
 
     def payload(self, silo: str, round_index: int) -> ComponentValues:
         """Current global values of the silo's shared components, for ``round_index`` (or the final model)."""
@@ -217,7 +250,7 @@ class Federation:
     def submit_update(self, update: ClientUpdate) -> None:
         """Validate and fold in one silo's upload; closes the round when the last one arrives."""
         with self._lock:
-            self.touch(update.silo)
+            self._touch(update.silo)
             if self.phase != TRAINING or update.round != self.round:
                 reason = "stale_round" if update.round <= self.round else "future_round"
                 raise UpdateRejected(reason, f"update for round {update.round}, but the federation is in {self.phase} "
@@ -228,17 +261,12 @@ class Federation:
                 raise UpdateRejected("duplicate", f"silo {update.silo} already uploaded round {self.round}")
             plan = self.silo_plans[update.silo]
             shared = self.algorithm.shared_components(plan)
-            expected_weights = _weights(plan, self.declarations[update.silo], shared)
+            expected_weights = component_weights(plan, self.declarations[update.silo].train_samples, shared)
             check_update(update, {c: self.manifest[c] for c in shared}, set(plan.components), expected_weights)
-            _check_stats(update.stats, {t.name for t in plan.tasks})
+            check_stats(update.stats, {t.name for t in plan.tasks})
             self.aggregator.add(update.values, update.weights)
             self.received[update.silo] = update.stats
             self._count_bytes(update.silo, update.round, "up", update.values)
-            for event in update.stats.replacements:
-                counts = self.replacements.setdefault(update.silo, {})
-                counts[event.task] = counts.get(event.task, 0) + 1
-                if self.metrics:
-                    self.metrics.replacements.labels(task=event.task).inc()
             if self.metrics:
                 self.metrics.updates_received.inc()
             log.info("round %d: update from %s (%d/%d)", self.round, update.silo, len(self.received), len(self.selected))
@@ -268,6 +296,12 @@ class Federation:
             "replacements": {s: [e.task for e in st.replacements] for s, st in sorted(self.received.items()) if st.replacements},
         }
         self.history.append(record)
+        for silo, stats in sorted(self.received.items()):
+            for event in stats.replacements:
+                counts = self.replacements.setdefault(silo, {})
+                counts[event.task] = counts.get(event.task, 0) + 1
+                if self.metrics:
+                    self.metrics.replacements.labels(task=event.task).inc()
         self.timing.append({"round": self.round, "seconds": self.clock() - self.round_started,
                             "aggregation_seconds": seconds})
         self.attempt = 0
@@ -289,23 +323,15 @@ class Federation:
 
     def submit_result(self, result: SiloResult) -> None:
         with self._lock:
-            self.touch(result.silo)
+            self._touch(result.silo)
             if self.phase != FINISHING:
                 raise UpdateRejected("stale_round", f"results are accepted in the finishing phase, not in {self.phase}")
+            if result.silo not in self.silo_plans:
+                raise UpdateRejected("not_selected", f"silo {result.silo} is not part of this federation's plan")
             if result.silo in self.results:
                 raise UpdateRejected("duplicate", f"silo {result.silo} already reported its results")
-            expected = {t.name for t in self.silo_plans[result.silo].tasks}
-            reported = {t.task for t in result.tasks}
-            if reported != expected:
-                raise UpdateRejected("bad_result", f"results for tasks {sorted(reported)}, expected {sorted(expected)}")
-            for task in result.tasks:
-                numbers = [*task.metrics.values(), task.primary]
-                if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
-                    raise UpdateRejected("non_finite", f"task {task.task}: metrics must be finite numbers")
-            if not all(math.isfinite(v) for v in result.kd_losses.values()):
-                raise UpdateRejected("non_finite", "kd_losses must be finite numbers")
+            check_result(result, {t.name for t in self.silo_plans[result.silo].tasks})
             self.results[result.silo] = result
-            self._publish_metrics()
             if self.metrics:
                 for task, loss in result.kd_losses.items():
                     self.metrics.kd_loss.labels(task=task).set(loss)
@@ -314,15 +340,16 @@ class Federation:
                 self._finish()
             else:
                 self._persist(with_values=False)
+            self._publish_metrics()
             self.changed.notify_all()
 
     def _finish(self) -> None:
         self.phase = DONE
-        self.report_data = self.report()
         self._persist(with_values=False)
+        report = self.report()
         if self.state_dir is not None:
-            atomic_write_json(self.state_dir / "report.json", self.report_data)
-        log.info("federation done: mean primary %.4f", self.report_data["mean_primary"])
+            atomic_write_json(self.state_dir / "report.json", report)
+        log.info("federation done: mean primary %s", report["mean_primary"])
         self._publish_metrics()
 
     # ------------------------------------------------------------ deadlines
@@ -361,10 +388,6 @@ class Federation:
             self._publish_metrics()
             self.changed.notify_all()
 
-    def wait_for_change(self, timeout: float) -> None:
-        with self._lock:
-            self.changed.wait(timeout)
-
     # ------------------------------------------------------------ accounting
 
     def _count_bytes(self, silo: str, round_index: int, direction: str, values: ComponentValues) -> None:
@@ -384,8 +407,9 @@ class Federation:
 
     def connected(self) -> int:
         """Joined silos heard from within three heartbeat intervals."""
-        horizon = self.clock() - 3 * self.config.deadlines.heartbeat_s
-        return sum(1 for s, t in self.last_seen.items() if t >= horizon and s in self.declarations)
+        with self._lock:
+            horizon = self.clock() - 3 * self.config.deadlines.heartbeat_s
+            return sum(1 for s, t in self.last_seen.items() if t >= horizon and s in self.declarations)
 
     def _publish_metrics(self) -> None:
         if not self.metrics:
@@ -410,8 +434,8 @@ class Federation:
                 wire=self.wire,
                 history=self.history,
                 transport=self.transport,
-                trainable_bytes={s: payload_bytes_of_manifest(self.manifest, self.shared_components(s), self.config.wire.dtype)
-                                 for s in sorted(self.silo_plans)},
+                trainable_bytes={s: layout_bytes({c: self.manifest[c] for c in self.shared_components(s)},
+                                                 self.config.wire.dtype) for s in sorted(self.silo_plans)},
                 dropped=self.dropped,
                 fingerprint=self.fingerprint,
                 timing={"events": self.timing},
@@ -422,6 +446,7 @@ class Federation:
     def _snapshot(self) -> dict[str, Any]:
         return {
             "version": 1,
+            "federation_id": self.federation_id,
             "config": to_mapping(self.config),
             "fingerprint": self.fingerprint,
             "phase": self.phase,
@@ -429,6 +454,9 @@ class Federation:
             "attempt": self.attempt,
             "selected": self.selected,
             "declarations": {s: d.to_json() for s, d in sorted(self.declarations.items())},
+            "plan": plan_to_json(self.plan) if self.plan else None,
+            "silo_plans": {s: plan_to_json(p) for s, p in sorted(self.silo_plans.items())},
+            "manifest": {c: [[n, list(shape)] for n, shape in t] for c, t in self.manifest.items()},
             "history": self.history,
             "replacements": self.replacements,
             "results": {s: r.to_json() for s, r in sorted(self.results.items())},
@@ -457,15 +485,18 @@ class Federation:
 
     def _resume(self) -> None:
         state, values = self.store.load()
-        saved = state.get("config", {})
-        for key in ("algorithm", "model", "seed", "rounds"):
-            if saved.get(key) != to_mapping(self.config).get(key):
-                raise ConfigError(f"state {self.store.json_path}", f"was written with a different {key} "
-                                  f"({saved.get(key)!r}, now {to_mapping(self.config).get(key)!r})",
-                                  "use the original federation config, or a new --state directory")
+        saved, current = state.get("config", {}), to_mapping(self.config)
+        for key in sorted(set(saved) | set(current)):
+            if key in RESUMABLE_CHANGES or saved.get(key) == current.get(key):
+                continue
+            raise ConfigError(f"state {self.store.json_path}", f"was written with a different {key} "
+                              f"({saved.get(key)!r}, now {current.get(key)!r})",
+                              "use the original federation config (only deadlines and expected_silos may change), "
+                              "or a new --state directory")
         if state.get("fingerprint") != self.fingerprint:
             raise ConfigError(f"state {self.store.json_path}", "was written for another base model fingerprint",
                               "use the same model weights, or a new --state directory")
+        self.federation_id = state["federation_id"]
         self.declarations = {s: SiloDeclaration.from_json(d) for s, d in state["declarations"].items()}
         self.phase = state["phase"]
         self.round = int(state["round"])
@@ -479,12 +510,10 @@ class Federation:
         self.dropped = state.get("dropped", [])
         self._counted = {tuple(k) for k in state.get("counted", [])}
         if self.phase != WAITING:
-            decls = list(self.declarations.values())
-            fusion = self.config.model.fusion_layers
-            self.plan = union_plan(decls, fusion)
-            tasks = united_tasks(decls)
-            self.silo_plans = {d.silo: silo_plan(d, tasks, fusion) for d in decls}
-            self.manifest = TapModel(self.plan, build_backbone(self.config.model), self.config.seed).manifest()
+            # the plan as it was fixed at the start, never rebuilt from declarations
+            self.plan = plan_from_json(state["plan"])
+            self.silo_plans = {s: plan_from_json(p) for s, p in state["silo_plans"].items()}
+            self.manifest = {c: [(n, tuple(shape)) for n, shape in t] for c, t in state["manifest"].items()}
             if values is None:
                 raise TapError(f"state {self.store.json_path} has no global tensors")
             self.global_values = values
@@ -498,42 +527,14 @@ class Federation:
             self.deadline = self.round_started + self.config.deadlines.round_s
         elif self.phase == FINISHING:
             self.deadline = self.clock() + self.config.deadlines.finish_s
-        elif self.phase == DONE and self.state_dir is not None:
-            self.report_data = self.report()
         log.info("resumed from %s: phase %s, round %d", self.store.json_path, self.phase, self.round)
 
 
-def _check_stats(stats: RoundStats, tasks: set[str]) -> None:
-    """Reported losses end up in the history, metrics and report: finite numbers of the silo's own tasks."""
-    for table in (stats.task_losses, stats.personal_losses):
-        for task, loss in table.items():
-            if task not in tasks:
-                raise UpdateRejected("bad_stats", f"stats name task {task!r}, which is not one of this silo's tasks")
-            if not math.isfinite(loss):
-                raise UpdateRejected("non_finite", f"stats: loss of task {task} is {loss}")
-    for event in stats.replacements:
-        if event.task not in tasks:
-            raise UpdateRejected("bad_stats", f"replacement event for task {event.task!r}, not one of this silo's tasks")
+RESUMABLE_CHANGES = {"deadlines", "expected_silos"}  # everything else must match the state being resumed
 
 
-def _task_signature(decl: SiloDeclaration) -> list[tuple[str, str, tuple[str, ...], str, str]]:
-    return sorted((t.name, t.kind, tuple(t.modalities), t.family, t.domain) for t in decl.tasks)
-
-
-def _weights(plan: ModelPlan, decl: SiloDeclaration, components: list[str]) -> dict[str, float]:
-    weights = {c: 0.0 for c in components}
-    for task in plan.tasks:
-        for component in plan.task_components(task.name):
-            if component in weights:
-                weights[component] += float(decl.train_samples.get(task.name, 0))
-    return weights
-
-
-def payload_bytes_of_manifest(manifest, components: list[str], dtype: str) -> int:
-    from tap_core.wire_size import bytes_per_element
-
-    total = 0
-    for component in components:
-        for _, shape in manifest[component]:
-            total += int(torch.Size(shape).numel()) * bytes_per_element(dtype)
-    return total
+def _comparable(decl: SiloDeclaration) -> dict[str, Any]:
+    """A declaration without what may legitimately change between an agent's restarts (its device)."""
+    data = decl.to_json()
+    data.pop("device", None)
+    return data

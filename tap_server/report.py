@@ -15,10 +15,10 @@ from tap_core.messages import SiloResult
 REPORT_VERSION = 1
 
 
-def mean_over_silos(results: list[SiloResult]) -> float:
-    """Mean over silos of each silo's mean primary score (TAP_SPEC §6: the mean over clients)."""
+def mean_over_silos(results: list[SiloResult]) -> float | None:
+    """Mean over silos of each silo's mean primary score (TAP_SPEC §6: the mean over clients); None without results."""
     per_silo = [mean(t.primary for t in r.tasks) for r in results if r.tasks]
-    return mean(per_silo) if per_silo else float("nan")
+    return mean(per_silo) if per_silo else None
 
 
 def transport_summary(transport: list[dict[str, Any]], trainable_bytes: dict[str, int]) -> dict[str, Any]:

@@ -7,11 +7,13 @@ nothing in the federation's state.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -45,6 +47,40 @@ ACTIONS = {"wait": pb.Assignment.WAIT, "train": pb.Assignment.TRAIN, "finish": p
            "done": pb.Assignment.DONE}
 
 
+def guarded(method: Callable) -> Callable:
+    """An unexpected exception becomes INTERNAL with a message, logged with its traceback.
+
+    (Uncaught, gRPC would answer UNKNOWN without details.) Deliberate refusals
+    (``context.abort``) pass through unchanged.
+    """
+
+    def fail(self: "FederationServicer", context: grpc.ServicerContext, exc: Exception) -> None:
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise exc
+        log.exception("internal error in %s", method.__name__)
+        self.metrics.rejected.labels(reason="internal").inc()
+        context.abort(grpc.StatusCode.INTERNAL, f"server error ({type(exc).__name__}: {exc}); see the server log")
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:
+                fail(self, context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            fail(self, context, exc)
+
+    return unary
+
+
 def status_for(reason: str) -> grpc.StatusCode:
     """INVALID_ARGUMENT for anything malformed (shape, dtype, NaN, checksum, unknown names)."""
     return STATUS_BY_REASON.get(reason, grpc.StatusCode.INVALID_ARGUMENT)
@@ -58,6 +94,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.metrics = metrics
         self.config = federation.config
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._uploading: set[str] = set()
+        self._uploading_lock = threading.Lock()
 
     # -- helpers ------------------------------------------------------------
 
@@ -85,12 +123,15 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     # -- RPCs ---------------------------------------------------------------
 
+    @guarded
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
         silo = self._silo(context)
         self.federation.touch(silo)
         return pb.HelloResponse(silo_id=silo, federation_json=json.dumps(to_mapping(self.config)),
-                                heartbeat_interval_s=self.config.deadlines.heartbeat_s, server_version=VERSION)
+                                heartbeat_interval_s=self.config.deadlines.heartbeat_s, server_version=VERSION,
+                                federation_id=self.federation.federation_id)
 
+    @guarded
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         silo = self._silo(context)
         data = self._json(context, request.declaration_json, "declaration_json")
@@ -105,15 +146,10 @@ class FederationServicer(pb_grpc.FederationServicer):
             self._reject(context, grpc.StatusCode.FAILED_PRECONDITION, exc.reason, str(exc))
         return pb.JoinResponse(silo_id=silo, message=f"joined; {len(self.federation.declarations)} silos registered")
 
+    @guarded
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.Assignment:
         silo = self._silo(context)
-        deadline = time.monotonic() + max(0.0, min(request.wait_s, MAX_POLL_S))
-        while True:
-            assignment = self.federation.assignment(silo)
-            remaining = deadline - time.monotonic()
-            if assignment.action != "wait" or remaining <= 0 or not context.is_active():
-                break
-            self.federation.wait_for_change(min(remaining, 1.0))
+        assignment = self.federation.wait_for_assignment(silo, max(0.0, min(request.wait_s, MAX_POLL_S)))
         response = pb.Assignment(action=ACTIONS[assignment.action], round=assignment.round,
                                  retry_after_s=assignment.retry_after_s, message=assignment.message)
         if self.federation.plan is not None and silo in self.federation.silo_plans:
@@ -123,16 +159,17 @@ class FederationServicer(pb_grpc.FederationServicer):
                 response.layout.extend(layout_to_proto(layout))
         return response
 
+    @guarded
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorFrame]:
         silo = self._silo(context)
+        direction = "final" if self.federation.assignment(silo).action == "finish" else "down"
         try:
-            values = self.federation.payload(silo, request.round)
+            values = self.federation.payload(silo, request.round)  # re-checks the assignment under the lock
         except WireError as exc:
             self._reject(context, status_for(exc.reason), exc.reason, str(exc))
         started = time.perf_counter()
         layout = {c: self.federation.manifest[c] for c in values}
         wire = payload = 0
-        direction = "down" if self.federation.phase == "training" else "final"
         for frame in encode_stream(values, layout, self.config.wire.dtype, self.config.wire.chunk_bytes,
                                    StreamInfo(request.round)):
             size = frame_wire_bytes(frame)
@@ -144,14 +181,26 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.metrics.stream_seconds.labels(direction="download").observe(seconds)
         self.federation.record_transport(silo, request.round, direction, payload, wire, seconds)
 
+    @guarded
     def Upload(self, request_iterator: Iterator[pb.TensorFrame], context: grpc.ServicerContext) -> pb.UploadAck:
         silo = self._silo(context)
-        if not self._uploads.acquire(timeout=60):
-            self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "too many uploads in progress; retry shortly")
+        with self._uploading_lock:
+            busy = silo in self._uploading
+            if not busy:
+                self._uploading.add(silo)
+        if busy:  # one upload per silo at a time: a silo cannot take every upload slot
+            self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
+                         f"an upload from silo {silo} is already in progress; retry shortly")
         try:
-            return self._receive(silo, request_iterator, context)
+            if not self._uploads.acquire(timeout=60):
+                self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", "too many uploads in progress; retry shortly")
+            try:
+                return self._receive(silo, request_iterator, context)
+            finally:
+                self._uploads.release()
         finally:
-            self._uploads.release()
+            with self._uploading_lock:
+                self._uploading.discard(silo)
 
     def _receive(self, silo: str, frames: Iterator[pb.TensorFrame], context: grpc.ServicerContext) -> pb.UploadAck:
         started = time.perf_counter()
@@ -193,12 +242,14 @@ class FederationServicer(pb_grpc.FederationServicer):
         fed.record_transport(silo, header.round, "up", decoder.received, decoder.wire_bytes, seconds)
         return pb.UploadAck(round=header.round, payload_bytes=decoder.received, message="accepted")
 
+    @guarded
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         silo = self._silo(context)
         self.federation.touch(silo)
         log.debug("heartbeat from %s: %s", silo, request.activity)
         return pb.HeartbeatResponse(phase=self.federation.phase, round=self.federation.round)
 
+    @guarded
     def ReportResults(self, request: pb.ResultsRequest, context: grpc.ServicerContext) -> pb.ResultsAck:
         silo = self._silo(context)
         data = self._json(context, request.results_json, "results_json")

@@ -12,8 +12,9 @@ from typing import Mapping
 
 import torch
 
-from tap_core.errors import WireError
-from tap_core.messages import ClientUpdate
+from tap_core.config import validate_task
+from tap_core.errors import ConfigError, WireError
+from tap_core.messages import ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 
 Manifest = Mapping[str, list[tuple[str, tuple[int, ...]]]]  # component -> ordered (name, shape)
 
@@ -61,3 +62,69 @@ def check_update(update: ClientUpdate, expected: Manifest, owned: set[str], expe
                 f"component {component}: sample weight {claimed} does not match the {expected_weights.get(component)} "
                 f"training samples the silo declared at join",
             )
+
+
+MAX_TASKS = 64
+MAX_LABELS = 10_000
+MAX_SAMPLES = 1_000_000_000
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_declaration(decl: SiloDeclaration) -> None:
+    """A silo's declaration must be a valid set of tasks with plausible sample counts and label lists."""
+    if not decl.tasks or len(decl.tasks) > MAX_TASKS:
+        raise UpdateRejected("bad_declaration", f"a silo declares 1 to {MAX_TASKS} tasks, not {len(decl.tasks)}")
+    names = [t.name for t in decl.tasks]
+    if len(set(names)) != len(names):
+        raise UpdateRejected("bad_declaration", "a task is declared twice")
+    for i, task in enumerate(decl.tasks):
+        try:
+            validate_task(task, f"tasks[{i}] (name={task.name})")
+        except ConfigError as exc:
+            raise UpdateRejected("bad_declaration", str(exc)) from exc
+    if set(decl.train_samples) != set(names):
+        raise UpdateRejected("bad_declaration", f"train_samples must name exactly the tasks {sorted(names)}")
+    for task, count in decl.train_samples.items():
+        if not 1 <= count <= MAX_SAMPLES:
+            raise UpdateRejected("bad_declaration", f"task {task}: {count} training samples (1 to {MAX_SAMPLES})")
+    classification = {t.name for t in decl.tasks if t.kind == "classification"}
+    for task, labels in decl.labels_seen.items():
+        if task not in classification:
+            raise UpdateRejected("bad_declaration", f"labels_seen names {task!r}, not a classification task of this silo")
+        if len(labels) > MAX_LABELS or any(len(label) > 200 for label in labels):
+            raise UpdateRejected("bad_declaration", f"task {task}: at most {MAX_LABELS} labels of at most 200 characters")
+
+
+def check_stats(stats: RoundStats, tasks: set[str]) -> None:
+    """Reported losses end up in the history, metrics and report: finite numbers of the silo's own tasks."""
+    for table in (stats.task_losses, stats.personal_losses):
+        for task, loss in table.items():
+            if task not in tasks:
+                raise UpdateRejected("bad_stats", f"stats name task {task!r}, which is not one of this silo's tasks")
+            if not _finite(loss):
+                raise UpdateRejected("non_finite", f"stats: loss of task {task} is {loss}")
+    for event in stats.replacements:
+        if event.task not in tasks:
+            raise UpdateRejected("bad_stats", f"replacement event for task {event.task!r}, not one of this silo's tasks")
+    if not _finite(stats.train_seconds) or stats.train_seconds < 0:
+        raise UpdateRejected("non_finite", f"stats: train_seconds is {stats.train_seconds}")
+
+
+def check_result(result: SiloResult, tasks: set[str]) -> None:
+    """Stage-2 results: each of the silo's tasks exactly once, every number finite."""
+    reported = [t.task for t in result.tasks]
+    if sorted(reported) != sorted(tasks):
+        raise UpdateRejected("bad_result", f"results for tasks {sorted(reported)}, expected each of {sorted(tasks)} once")
+    for task in result.tasks:
+        if not all(_finite(v) for v in [*task.metrics.values(), task.primary]):
+            raise UpdateRejected("non_finite", f"task {task.task}: metrics must be finite numbers")
+    for table in (result.kd_losses, *result.stage1_metrics.values()):
+        if not all(_finite(v) for v in table.values()):
+            raise UpdateRejected("non_finite", "kd_losses and stage1_metrics must be finite numbers")
+    if not set(result.kd_losses) <= tasks or not set(result.stage1_metrics) <= tasks:
+        raise UpdateRejected("bad_result", "kd_losses and stage1_metrics may only name the silo's tasks")
+    if not _finite(result.seconds) or result.seconds < 0:
+        raise UpdateRejected("non_finite", f"seconds is {result.seconds}")

@@ -10,6 +10,7 @@ import torch
 from tap_core.config import SHARED, ModelSpec, TaskSpec
 from tap_core.errors import ConfigError, ModelMismatchError
 from tap_core.model import build_backbone
+from tap_core.model.backbone import backbone_on
 from tap_core.model import components as C
 from tap_core.model.heads import ImageDecoderHead
 from tap_core.model.tap_model import Batch, ModelPlan, TapModel
@@ -192,3 +193,23 @@ def test_plan_with_two_domains_of_one_task_builds_both_adapters():
     names = plan.components
     assert "adapter.mote.image.shapes" in names and "adapter.mote.image.other" in names
     assert names.count("head.cls") == 1
+
+
+def test_trainable_tensors_stay_fp32_when_the_frozen_weights_are_bf16():
+    """On CUDA with autocast the shared frozen weights are bf16; LoRA, norms and heads must still be fp32 masters."""
+    spec = ModelSpec(size="tiny")
+    placed = backbone_on(spec, torch.device("cpu"), torch.bfloat16)
+    assert placed is not build_backbone(spec)  # the fp32 original (fingerprint, server init) is untouched
+    assert build_backbone(spec).image_tower.model.embeddings.patch_embeddings.projection.weight.dtype == torch.float32
+    m = TapModel(ModelPlan((CLS, VQA)), placed, seed=0)
+    assert {p.dtype for p in m.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for p in m.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert placed.fingerprint == build_backbone(spec).fingerprint
+
+
+def test_fingerprint_covers_the_tokenizer_vocabulary(tmp_path):
+    from tap_core.model.backbone import minilm_path
+
+    (tmp_path / "vocab.txt").write_text((minilm_path() / "vocab.txt").read_text().replace("[unused0]", "[unused-x]"))
+    other = build_backbone(ModelSpec(size="tiny", tokenizer=str(tmp_path))).fingerprint
+    assert other != build_backbone(ModelSpec(size="tiny")).fingerprint

@@ -15,7 +15,7 @@ from tap_core.config import FederationConfig
 from tap_core.messages import ClientUpdate, RoundStats, SiloResult
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
 from tap_core.silo import SiloRuntime
-from tap_core.training.trainer import PhaseResult
+from tap_core.training.trainer import LrSchedule, PhaseResult, constant_schedule
 
 
 @dataclass
@@ -67,7 +67,6 @@ class Algorithm(ABC):
         return model, result
 
 
-def stage2_schedule(config: FederationConfig):
-    from tap_core.training.trainer import constant_schedule
-
+def stage2_schedule(config: FederationConfig) -> LrSchedule:
+    """Stage 2 (fine-tuning, distillation) runs at a constant peak_lr."""
     return constant_schedule(config.train.peak_lr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from tap_core.algorithms.base import Algorithm, FinalModel, stage2_schedule
 from tap_core.config import kd_weight_for, margin_for
@@ -24,15 +25,14 @@ class Tap(Algorithm):
         global_copy = silo.global_model(global_values)
         trained = silo.train(global_copy, "global", round_index)
         by_validation = cfg.replacement == "validation"
-        global_losses = silo.val_losses(global_copy) if by_validation else trained.losses
+        global_losses = silo.val_losses(global_copy, trained.losses) if by_validation else trained.losses
         # 2. adaptive replacement, task by task
         events = self.replace(silo, round_index, global_copy, global_losses)
         # 3. personal training (a different data order when something was just replaced)
         salt = "replaced:" + ",".join(e.task for e in events)
         personal = silo.train(silo.personal, "personal", round_index, salt=salt)
-        personal_losses = silo.val_losses(silo.personal) if by_validation else personal.losses
+        personal_losses = silo.val_losses(silo.personal, personal.losses) if by_validation else personal.losses
         silo.state.personal_losses.update(personal_losses)
-        silo.state.personal_initialised = True
         stats = RoundStats(
             task_losses=trained.losses,
             personal_losses=personal_losses,
@@ -51,17 +51,32 @@ class Tap(Algorithm):
             margin = margin_for(task, self.config.train)
             personal_loss = silo.state.personal_loss(task.name)
             if global_losses[task.name] + margin < personal_loss:
-                components = silo.plan.task_components(task.name)
-                silo.personal.load_values(global_copy.values(components))
-                event = ReplacementEvent(round_index, task.name, global_losses[task.name], personal_loss, margin, components)
+                event = ReplacementEvent(round_index, task.name, global_losses[task.name], personal_loss, margin,
+                                         silo.plan.task_components(task.name))
                 events.append(event)
                 silo.state.replacements[task.name] = silo.state.replacements.get(task.name, 0) + 1
                 log.info("silo %s round %d: task %s adopts the global components (L_g %.4f + %.4f < L_p %.4f)",
                          silo.id, round_index, task.name, event.global_loss, margin, personal_loss)
+        # one copy of every adopted component, however many winning tasks share it
+        silo.personal.copy_from(global_copy, sorted({c for e in events for c in e.components}))
         silo.state.events.extend(events)
         return events
 
+    def adopt_uncompared(self, silo: SiloRuntime, final_values: ComponentValues) -> None:
+        """Tasks never compared (the silo was never selected) adopt the final global components.
+
+        That is the replacement rule's answer for L_p = +inf; without it such a silo would
+        end with its randomly initialised personal model.
+        """
+        tasks = [t.name for t in silo.plan.tasks if math.isinf(silo.state.personal_loss(t.name))]
+        if tasks:
+            components = sorted({c for t in tasks for c in silo.plan.task_components(t)})
+            silo.personal.load_values({c: final_values[c] for c in components})
+            log.info("silo %s: tasks %s were never compared; they start stage 2 from the final global model",
+                     silo.id, ", ".join(tasks))
+
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        self.adopt_uncompared(silo, final_values)
         student = silo.personal
         if not self.distil:
             return FinalModel(student)

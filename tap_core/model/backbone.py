@@ -10,6 +10,7 @@ so two parties can prove they run the same base.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -274,9 +275,18 @@ def _replace_text_encoder(parts: dict, spec: ModelSpec) -> None:
     # BERT attention modules are also named query / value, so the LoRA targets stay valid.
 
 
+def tokenizer_vocabulary(spec: ModelSpec) -> Path:
+    """The vocab.txt the model's token ids refer to (MiniLM's unless ``model.tokenizer`` names another)."""
+    return Path(spec.tokenizer) / "vocab.txt" if spec.tokenizer else minilm_path() / "vocab.txt"
+
+
 def fingerprint_of(spec: ModelSpec, modules: list[nn.Module]) -> str:
-    """sha256 of the spec's architecture fields and every frozen tensor, in name order."""
+    """sha256 of the spec's architecture fields, the tokenizer vocabulary and every frozen tensor, in name order."""
     digest = hashlib.sha256()
+    vocabulary = tokenizer_vocabulary(spec)
+    if not vocabulary.is_file():
+        raise ConfigError("model.tokenizer", f"{vocabulary} not found", "point it at a local BERT tokenizer directory")
+    digest.update(hashlib.sha256(vocabulary.read_bytes()).digest())
     arch = {k: getattr(spec, k) for k in ("backbone", "size", "path", "text_encoder", "image_size", "max_text_len", "init_seed")}
     if spec.path:
         arch["path"] = "local"  # the weights are hashed; where they sit on disk does not matter
@@ -326,3 +336,17 @@ def build_backbone(spec: ModelSpec) -> Backbone:
     backbone.fingerprint = fingerprint_of(spec, [backbone.image_tower, backbone.text_tower, fusion_modules])
     log.info("backbone %s/%s ready, fingerprint %s", spec.backbone, spec.size, backbone.fingerprint[:12])
     return backbone
+
+
+@functools.lru_cache(maxsize=4)
+def backbone_on(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> Backbone:
+    """The frozen backbone placed for training: on ``device``, frozen weights in ``dtype`` if given.
+
+    A separate copy from :func:`build_backbone`'s (which stays fp32 on the CPU for the
+    fingerprint and the server's initial values), so that where a silo trains never
+    changes what the federation computes elsewhere in the same process.
+    """
+    base = build_backbone(spec)
+    if device.type == "cpu" and dtype is None:
+        return base
+    return copy.deepcopy(base).to(device, dtype)

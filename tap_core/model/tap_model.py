@@ -86,7 +86,13 @@ class TapModel(nn.Module):
         self.parts = nn.ModuleDict()
         for name in plan.components:
             with torch_seed(derive_seed(seed, "init", name)):
-                self.parts[module_key(name)] = self._build(name, backbone)
+                module = self._build(name, backbone)
+            # trainable tensors are fp32 masters even when the shared frozen weights are bf16 (CUDA + autocast):
+            # peft and the norm copies would otherwise inherit bf16 and barely train
+            for param in module.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
+            self.parts[module_key(name)] = module
         self.to(backbone.output_embeddings.device)
 
     # -- construction -------------------------------------------------------
@@ -214,6 +220,16 @@ class TapModel(nn.Module):
                     raise ModelMismatchError(
                         f"component {component} tensor {name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
                 params[name].copy_(value)
+
+    @torch.no_grad()
+    def copy_from(self, other: "TapModel", components: Iterable[str]) -> None:
+        """Copy the trainable values of ``components`` from another model, tensor to tensor on the device."""
+        for component in components:
+            mine, theirs = self.trainable(component), other.trainable(component)
+            if mine.keys() != theirs.keys():
+                raise ModelMismatchError(f"component {component}: the two models' tensors differ")
+            for name, param in mine.items():
+                param.copy_(theirs[name])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

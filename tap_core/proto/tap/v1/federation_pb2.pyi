@@ -25,16 +25,18 @@ class HelloRequest(_message.Message):
     def __init__(self, client_version: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("silo_id", "federation_json", "heartbeat_interval_s", "server_version")
+    __slots__ = ("silo_id", "federation_json", "heartbeat_interval_s", "server_version", "federation_id")
     SILO_ID_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_JSON_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     silo_id: str
     federation_json: str
     heartbeat_interval_s: float
     server_version: str
-    def __init__(self, silo_id: _Optional[str] = ..., federation_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., server_version: _Optional[str] = ...) -> None: ...
+    federation_id: str
+    def __init__(self, silo_id: _Optional[str] = ..., federation_json: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., server_version: _Optional[str] = ..., federation_id: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("declaration_json", "client_version")
