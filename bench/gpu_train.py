@@ -49,14 +49,16 @@ def synthetic_tasks(n: int, image_size: int, vocab: int, seed: int = 0) -> dict[
     return {name: TaskTensors(specs[name], split[name], split[name], split[name]) for name in specs}
 
 
-def measure(size: str, device_name: str, steps: int, batch: int, amp: bool) -> dict:
-    spec = ModelSpec(size=size)
+def measure(size: str, device_name: str, steps: int, batch: int, amp: bool, tokenizer: str | None = None) -> dict:
+    spec = ModelSpec(size=size, tokenizer=tokenizer)
     device = select_device(device_name)
     backbone = backbone_on(spec, device, frozen_dtype(device, amp))
     tasks = synthetic_tasks(max(4 * batch, 64), backbone.image_size, backbone.word_embeddings.shape[0])
     model = TapModel(ModelPlan(tuple(t.task for t in tasks.values())), backbone, seed=0)
     cfg = TrainConfig(batch_size=batch, amp=amp, local_steps=steps)
     trainer = Trainer(cfg, device)
+    norm = model.part("expert.mote.shared.shared.0").norm.weight
+    norm_before = norm.detach().clone()
     trainer.train(model, tasks, 2, seed=1, schedule=constant_schedule(1e-4))  # warm-up (kernels, allocator)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,14 +77,16 @@ def measure(size: str, device_name: str, steps: int, batch: int, amp: bool) -> d
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "trainable_params": trainable, "total_params": total,
         "final_losses": {k: round(v, 4) for k, v in result.losses.items()},
+        "trainable_dtypes": sorted({str(p.dtype) for p in model.trainable_parameters()}),
+        "norm_moved": float((norm.detach() - norm_before).abs().max()),
     }
 
 
-def profile(size: str, device_name: str, batch: int) -> None:
+def profile(size: str, device_name: str, batch: int, tokenizer: str | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     device = select_device(device_name)
-    backbone = backbone_on(ModelSpec(size=size), device, frozen_dtype(device, True))
+    backbone = backbone_on(ModelSpec(size=size, tokenizer=tokenizer), device, frozen_dtype(device, True))
     tasks = synthetic_tasks(max(4 * batch, 64), backbone.image_size, backbone.word_embeddings.shape[0])
     model = TapModel(ModelPlan(tuple(t.task for t in tasks.values())), backbone, seed=0)
     trainer = Trainer(TrainConfig(batch_size=batch), device)
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--amp", choices=["on", "off", "both"], default="both")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--profile", action="store_true", help="print the top kernels/ops of 3 steps (last size, bf16)")
+    parser.add_argument("--tokenizer", default=None, help="local BERT tokenizer directory (default: MiniLM's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -112,14 +117,15 @@ def main() -> None:
     for size in args.size:
         for batch in args.batch:
             for amp in amps:
-                rows.append(measure(size, args.device, args.steps, batch, amp))
+                rows.append(measure(size, args.device, args.steps, batch, amp, args.tokenizer))
                 r = rows[-1]
                 print(f"{r['size']:<6} {r['device']:<24} bf16={str(r['amp_bf16']):<5} batch={r['batch']:<4} "
                   f"{r['samples_per_s']:9.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
                   f"peak {r['peak_gpu_mib'] or 0:8.0f} MiB  trainable {r['trainable_params'] / 1e6:.2f}M / "
-                  f"{r['total_params'] / 1e6:.1f}M  losses {r['final_losses']}", flush=True)
+                  f"{r['total_params'] / 1e6:.1f}M  losses {r['final_losses']}  trainable {r['trainable_dtypes']} "
+                      f"norm moved {r['norm_moved']:.2e}", flush=True)
     if args.profile:
-        profile(args.size[-1], args.device, args.batch[-1])
+        profile(args.size[-1], args.device, args.batch[-1], args.tokenizer)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)
