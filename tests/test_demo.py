@@ -100,3 +100,23 @@ def test_tap_server_and_client_commands_are_installed():
     for module in ("tap_server.cli", "tap_client.cli", "tap_cli.cli"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path):
+    scenario, config = config_from_options(OPTIONS)
+    layout = DemoLayout(tmp_path)
+    prepare_workdir(layout, scenario, config, None)
+    layout.logs.mkdir()
+    port, health, metrics = free_port(), free_port(), free_port()
+    log = layout.logs / "server.log"
+    server = subprocess.Popen(server_command(layout, port, health, metrics), stdout=open(log, "wb"),
+                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_healthy(health, server, log)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    text = log.read_text()
+    assert "finishing the state write in progress" in text and "stopped" in text
