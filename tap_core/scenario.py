@@ -62,6 +62,15 @@ def _resolve_data_paths(data: Mapping[str, Any], base_dir: Path) -> dict[str, An
     return resolved
 
 
+def first_duplicate(names: list[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def parse_task(raw: Any, where: str, base_dir: Path) -> TaskSpec:
     if not isinstance(raw, Mapping):
         raise ConfigError(where, f"a task must be a mapping, got {raw!r}")
@@ -99,10 +108,9 @@ def parse_silo(raw: Any, where: str, base_dir: Path, silo_id: str | None = None)
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise ConfigError(f"{here}.tasks", "needs a non-empty list of tasks")
     tasks = tuple(parse_task(t, f"{here}.tasks[{i}]", base_dir) for i, t in enumerate(tasks_raw))
-    names = [t.name for t in tasks]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise ConfigError(f"{here}.tasks", f"task {sorted(duplicates)[0]!r} appears twice in one silo")
+    twice = first_duplicate([t.name for t in tasks])
+    if twice is not None:
+        raise ConfigError(f"{here}.tasks", f"task {twice!r} appears twice in one silo")
     return SiloSpec(id=sid, tasks=tasks)
 
 
@@ -145,10 +153,9 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
     if not isinstance(silos_raw, list) or not silos_raw:
         raise ConfigError(f"{source}: silos", "needs a non-empty list of silos")
     silos = tuple(parse_silo(s, f"{source}: silos[{i}]", base_dir) for i, s in enumerate(silos_raw))
-    ids = [s.id for s in silos]
-    duplicates = {i for i in ids if ids.count(i) > 1}
-    if duplicates:
-        raise ConfigError(f"{source}: silos", f"silo id {sorted(duplicates)[0]!r} appears twice", "give every silo its own id")
+    twice = first_duplicate([s.id for s in silos])
+    if twice is not None:
+        raise ConfigError(f"{source}: silos", f"silo id {twice!r} appears twice", "give every silo its own id")
     check_shared_tasks(silos, source)
     return Scenario(
         name=str(raw.get("name") or Path(source).stem),
