@@ -27,7 +27,7 @@ import torch
 from tap_core.errors import WireError
 from tap_core.model.tap_model import ComponentValues
 from tap_core.proto.tap.v1 import federation_pb2 as pb
-from tap_core.wire_size import WIRE_TORCH_DTYPES, bytes_per_element
+from tap_core.wire_size import WIRE_TORCH_DTYPES, layout_bytes
 
 Layout = Mapping[str, list[tuple[str, tuple[int, ...]]]]  # component -> ordered (tensor name, shape)
 
@@ -79,7 +79,7 @@ def encode_stream(values: ComponentValues, layout: Layout, dtype: str, chunk_byt
                   info: StreamInfo) -> Iterator[pb.TensorFrame]:
     """Frames carrying ``values`` in ``layout`` order; the first frame carries the header."""
     components = list(layout)
-    payload = sum(int(np.prod(s, dtype=np.int64)) for c in components for _, s in layout[c]) * bytes_per_element(dtype)
+    payload = layout_bytes(layout, dtype)
     header = pb.StreamHeader(round=info.round, components=components, dtype=DTYPE_TO_PROTO[dtype],
                              payload_bytes=payload, stats_json=info.stats_json)
     if info.weights:
@@ -168,8 +168,7 @@ class StreamDecoder:
             if missing:
                 self._fail("missing_component", f"stream lacks component {missing[0]} ({len(missing)} missing)")
         self.components = names
-        per_element = bytes_per_element(self.dtype)
-        self.limit = sum(int(np.prod(s, dtype=np.int64)) for c in names for _, s in self.expected[c]) * per_element
+        self.limit = layout_bytes({c: self.expected[c] for c in names}, self.dtype)
         if header.payload_bytes > self.limit:
             self._fail("oversize", f"stream announces {header.payload_bytes} bytes, at most {self.limit} expected")
         self.limit = header.payload_bytes  # and it may not carry more than it announced
@@ -209,7 +208,7 @@ class StreamDecoder:
                                           f"expected {self.dtype}")
             if tuple(piece.shape) != tuple(shape):
                 self._fail("wrong_shape", f"{component}/{name}: shape {tuple(piece.shape)}, expected {tuple(shape)}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * bytes_per_element(self.dtype)
+            nbytes = layout_bytes({component: [(name, shape)]}, self.dtype)
             partial = self._partial[key] = _Partial(np.empty(nbytes, np.uint8), 0, piece.crc32, tuple(shape))
         elif piece.offset != partial.received:
             self._fail("malformed", f"{component}/{name}: piece at offset {piece.offset}, expected {partial.received}")

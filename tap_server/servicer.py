@@ -24,6 +24,7 @@ from tap_core.model.components import component_kind
 from tap_core.plan import plan_to_json
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
+from tap_core.wire_size import layout_bytes
 from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, frame_wire_bytes, layout_to_proto
 from tap_server.auth import AuthError, SiloAuthenticator
 from tap_server.federation import Federation, JoinRefused
@@ -274,14 +275,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         sizes: dict[str, int] = {}
         for component, tensors in layout.items():
             kind = component_kind(component)
-            sizes[kind] = sizes.get(kind, 0) + sum(int(_numel(s)) for _, s in tensors)
+            sizes[kind] = sizes.get(kind, 0) + layout_bytes({component: tensors}, "fp32")
         total = sum(sizes.values()) or 1
         for kind, size in sizes.items():
             counter.labels(kind=kind).inc(wire_bytes * size / total)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

@@ -32,6 +32,14 @@ def join(federation, rts):
         rt.set_plan(federation.silo_plan(sid))
 
 
+def started(config, state_dir):
+    """Runtimes and a federation they all joined (with a state directory)."""
+    rts = make_runtimes(config)
+    federation = Federation(config, state_dir=state_dir, expected_silos=3)
+    join(federation, rts)
+    return federation, rts
+
+
 def train_round(federation, rts, algorithm, keep=None):
     r = federation.round
     for sid in list(federation.selected):
@@ -92,9 +100,7 @@ def test_server_restart_between_rounds_resumes_with_identical_weights(tmp_path):
 def test_server_restart_mid_round_asks_again_and_accepts_the_saved_updates(tmp_path):
     config = tiny_config("fedavg", rounds=2)
     algorithm = get_algorithm(config)
-    rts = make_runtimes(config)
-    federation = Federation(config, state_dir=tmp_path, expected_silos=3)
-    join(federation, rts)
+    federation, rts = started(config, tmp_path)
     first_update = algorithm.local_round(rts["a"], 1, federation.payload("a", 1))
     federation.submit_update(first_update)
     assert "a" in federation.received
@@ -120,9 +126,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path):
 def test_finished_federation_writes_the_report_and_stays_done(tmp_path):
     config = tiny_config("fedavg", rounds=1)
     algorithm = get_algorithm(config)
-    rts = make_runtimes(config)
-    federation = Federation(config, state_dir=tmp_path, expected_silos=3)
-    join(federation, rts)
+    federation, rts = started(config, tmp_path)
     train_round(federation, rts, algorithm)
     assert federation.phase == FINISHING
     report = finish(federation, rts, algorithm)
