@@ -31,7 +31,7 @@ from tap_core.plan import silo_plan, united_tasks
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.scenario import load_scenario
 from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, frame_wire_bytes
-from tap_core.wire_size import payload_bytes
+from tap_core.layout import payload_bytes
 from tap_cli.compose import MODEL_PRESETS
 from tap_core.messages import SiloDeclaration
 
@@ -54,7 +54,7 @@ def efficiency(presets: list[str], dtypes: list[str], chunk: int) -> None:
         for dtype in dtypes:
             for silo, plan in silo_plans().items():
                 model = TapModel(plan, backbone, seed=0)
-                values, layout = model.values(), model.manifest()
+                values, layout = model.values(), model.layout()
                 trainable = payload_bytes(values, dtype)
                 down = sum(frame_wire_bytes(f) for f in encode_stream(values, layout, dtype, chunk, StreamInfo(1)))
                 stats = '{"task_losses": {"t": 0.5}, "replacements": []}'

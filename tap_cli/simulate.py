@@ -16,7 +16,7 @@ from tap_core.config import FederationConfig, Scenario
 from tap_core.runtime import Stopwatch, configure_threads, load_silo_data
 from tap_core.silo import SiloRuntime
 from tap_core.training.trainer import select_device
-from tap_core.wire_size import quantize
+from tap_core.wire_dtype import quantize
 from tap_server.federation import FINISHING, TRAINING, Federation
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,19 @@ def run_federation(silos: dict[str, SiloRuntime], config: FederationConfig, prog
     algorithm = get_algorithm(config)
     dtype = config.wire.dtype
 
-    while federation.phase == TRAINING:
-        round_index = federation.round
-        for silo_id in list(federation.selected):
-            values = quantize(federation.payload(silo_id, round_index), dtype)
+    while (status := federation.status()).phase == TRAINING:
+        round_index = status.round
+        for silo_id in status.selected:
+            values = quantize(federation.payload(silo_id, round_index).values, dtype)
             update = algorithm.local_round(silos[silo_id], round_index, values)
             update.values = quantize(update.values, dtype)
             federation.submit_update(update)
             notify("update", {"round": round_index, "silo": silo_id, "losses": update.stats.task_losses})
         notify("round", {"round": round_index})
 
-    assert federation.phase == FINISHING, federation.phase
+    assert status.phase == FINISHING, status.phase
     for silo_id in sorted(silos):
-        values = quantize(federation.payload(silo_id, federation.round), dtype)
+        values = quantize(federation.payload(silo_id, status.round).values, dtype)
         result, _ = algorithm.finish(silos[silo_id], values)
         federation.submit_result(result)
         notify("result", {"silo": silo_id, "primary": [t.primary for t in result.tasks]})

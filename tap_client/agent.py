@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 import torch
 
 from tap_core.algorithms import get_algorithm
 from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, to_mapping, validate_federation
-from tap_core.errors import TapError, WireError
+from tap_core.errors import MOVED_ON, WireError
+from tap_core.layout import Layout
 from tap_core.messages import NOT_JOINED, ClientUpdate
 from tap_core.model.tap_model import ComponentValues
 from tap_core.plan import plan_from_json
@@ -32,14 +32,14 @@ from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.runtime import configure_threads, load_silo_data
 from tap_core.silo import SiloRuntime
 from tap_core.training.trainer import select_device
-from tap_core.wire import Layout, StreamDecoder, StreamInfo, encode_stream, layout_from_proto
+from tap_core.version import VERSION
+from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, layout_from_proto
 from tap_client.connection import Connection, Refused, load_kit
 from tap_client.metrics import ClientMetrics
 from tap_client.store import ClientStore
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 POLL_WAIT_S = 20.0
 STREAM_TIMEOUT_S = 1800.0
 
@@ -59,7 +59,7 @@ class AgentOptions:
 
 @contextlib.contextmanager
 def tolerate_moved_on(what: str) -> Iterator[None]:
-    """A stale or duplicate refusal means the server moved on or already has it: wait for the next assignment.
+    """A refusal because the server moved on or already has it (``MOVED_ON``): wait for the next assignment.
 
     Any other refusal means what was sent is invalid (NaN, shape, weights, size...); the saved copy would be
     re-sent on every poll, so the agent stops instead.
@@ -67,7 +67,7 @@ def tolerate_moved_on(what: str) -> Iterator[None]:
     try:
         yield
     except Refused as exc:
-        if exc.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+        if exc.reason not in MOVED_ON:
             raise
         log.warning("%s not accepted: %s", what, exc)
 
@@ -186,6 +186,7 @@ class Agent:
             values = self.download(round_index, layout)
             with Heartbeats(self.connection, self.heartbeat_s, f"training round {round_index}", round_index):
                 update = self.algorithm.local_round(runtime, round_index, values)
+            runtime.state.rounds_done.append(round_index)
             # persist before announcing: the upload can be repeated, training is not
             self.store.save_update(update)
             personal = runtime.personal.values() if runtime.has_personal else None

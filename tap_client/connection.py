@@ -1,8 +1,11 @@
-"""The agent's mTLS channel: kit checks, credentials, retries with backoff, error classes.
+"""The agent's mTLS channel: kit checks, credentials, retries with backoff.
 
-Authentication problems end the agent at once with a message naming the
-certificate at fault; transient network problems are retried with exponential
-backoff (the agent reconnects when the connection drops).
+A failed call becomes the server's :class:`~tap_core.errors.Rejected` again: its
+reason travels in the trailing metadata; for gRPC's own failures the status
+names it (``tap_core.errors.reason_for_status``). Identity problems end the agent
+at once (:class:`AuthFailure`) with a message naming the certificate at fault;
+transient problems are retried with exponential backoff (the agent reconnects
+when the connection drops); anything else is final.
 """
 
 from __future__ import annotations
@@ -23,30 +26,35 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from tap_core.config import FederationConfig
-from tap_core.errors import ConfigError, TapError
+from tap_core.errors import IDENTITY, REASON_METADATA_KEY, REASON_STATUS, TRANSIENT, ConfigError, Rejected
+from tap_core.errors import reason_for_status
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import channel_options, split_address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 MAX_SERVER_ERRORS = 5
 _TLS_WORDS = ("handshake", "ssl", "certificate", "tls", "x509")
-_BUSY_WORDS = ("retry", "concurrent rpc limit")  # the servicer's "busy", gRPC's maximum_concurrent_rpcs
+_GRPC_BUSY = "concurrent rpc limit"  # gRPC's own answer at the server's maximum_concurrent_rpcs
 
 
-class AuthFailure(TapError):
+class Refused(Rejected):
+    """A call that failed for good: the server refused it (its reason), or it kept failing past retrying."""
+
+
+class AuthFailure(Refused):
     """The server or the TLS layer refused this silo's identity: retrying will not help."""
 
 
-class Refused(TapError):
-    """The server refused a request for a reason that retrying will not change."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        super().__init__(message)
+def rejection(exc: grpc.RpcError) -> Refused:
+    """The refusal a failed call stands for: the server's reason, else the one its status implies."""
+    code, details = exc.code(), exc.details() or ""
+    metadata = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    reason = metadata.get(REASON_METADATA_KEY)
+    if reason not in REASON_STATUS:  # gRPC's own failure (or a server that did not say)
+        reason = "busy" if _GRPC_BUSY in details.lower() else reason_for_status(code.name)
+    return Refused(reason, f"{code.name}: {details}")
 
 
 @dataclass
@@ -122,41 +130,48 @@ class Connection:
         if self.channel is not None:
             self.channel.close()
 
+    @property
+    def _stub(self) -> pb_grpc.FederationStub:
+        assert self.stub is not None, "open() first"
+        return self.stub
+
     def call(self, what: str, fn: Callable[[pb_grpc.FederationStub], T], *, retry: bool = True) -> T:
-        """Run ``fn(stub)``, retrying transient failures with exponential backoff and jitter."""
+        """Run ``fn(stub)``, retrying transient failures with exponential backoff and jitter.
+
+        Raises :class:`Refused` (:class:`AuthFailure` for identity) when the call failed for good.
+        """
         delay, started, server_errors = 0.5, time.monotonic(), 0
         while True:
             try:
-                return fn(self.stub)
+                return fn(self._stub)
             except grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-                self.raise_if_final(what, code, details)
+                rejected = rejection(exc)
+                self.raise_if_final(what, rejected)
                 # a server-side error may be transient (a restart), but not forever
-                server_errors += code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+                server_errors += rejected.reason in ("internal", "unknown")
                 if not retry or time.monotonic() - started > self.give_up_after_s or server_errors > MAX_SERVER_ERRORS:
-                    raise Refused(code, f"{what}: {code.name}: {details}") from exc
-                log.warning("%s failed (%s: %s); retrying in %.1fs", what, code.name, details[:200], delay)
+                    raise Refused(rejected.reason, f"{what}: {rejected}") from exc
+                log.warning("%s failed (%s); retrying in %.1fs", what, str(rejected)[:200], delay)
                 time.sleep(delay * (0.8 + 0.4 * random.random()))
                 delay = min(delay * 2, 30.0)
 
-    def raise_if_final(self, what: str, code: grpc.StatusCode, details: str) -> None:
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and not what.startswith("upload"):
-            raise AuthFailure(f"the server refused silo {self.kit.silo} ({self.kit.directory / 'client.crt'}): {details}")
-        if code == grpc.StatusCode.UNAVAILABLE and any(w in details.lower() for w in _TLS_WORDS):
-            raise AuthFailure(
+    def raise_if_final(self, what: str, rejected: Refused) -> None:
+        details = str(rejected)
+        if rejected.reason in IDENTITY:
+            raise AuthFailure(rejected.reason, f"the server refused silo {self.kit.silo} "
+                                               f"({self.kit.directory / 'client.crt'}): {details}")
+        if rejected.reason == "unavailable" and any(w in details.lower() for w in _TLS_WORDS):
+            raise AuthFailure("bad_certificate", (
                 f"TLS handshake with {self.server} failed: {details.strip()[:300]}. Either the server's certificate is "
                 f"not signed by {self.kit.directory / 'ca.crt'} (wrong kit or wrong server address), or the server does "
-                f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)")
-        if code == grpc.StatusCode.UNAVAILABLE and self.server_hung_up_after_handshake():
-            raise AuthFailure(
+                f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)"))
+        if rejected.reason == "unavailable" and self.server_hung_up_after_handshake():
+            raise AuthFailure("bad_certificate", (
                 f"the server at {self.server} completed the TLS handshake and then closed the connection at once: it does "
                 f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
-                "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit")
-        if code not in RETRYABLE:
-            raise Refused(code, f"{what}: {details}")
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not any(w in details.lower() for w in _BUSY_WORDS):
-            # too big (the server's size check or gRPC's message limit) stays too big; only "busy" is retried
-            raise Refused(code, f"{what}: {details}")
+                "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit"))
+        if rejected.reason not in TRANSIENT:  # e.g. too big (the server's size check or gRPC's limit) stays too big
+            raise Refused(rejected.reason, f"{what}: {details}")
 
     def server_hung_up_after_handshake(self, timeout: float = 5.0) -> bool:
         """Did the server refuse our client certificate? (gRPC cannot tell: it reports "Socket closed".)

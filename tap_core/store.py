@@ -9,11 +9,12 @@ the JSON that points at it, then removes the previous tensor file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tap_core.errors import TapError
 from tap_core.model.tap_model import ComponentValues
 
+R = TypeVar("R", bound="JsonRecord")
 SEPARATOR = "/"  # component names contain dots, local names too: "encoder.image/proj.weight"
 
 
@@ -129,3 +131,45 @@ class CheckpointStore:
     @staticmethod
     def _tensor_file(state: dict[str, Any]) -> str | None:
         return state.get("tensor_file")
+
+
+def json_codec(encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> dict[str, Any]:
+    """Field metadata of a :class:`JsonRecord` field that is not plain JSON: how it is written and read."""
+    return {"json": (encode, decode)}
+
+
+def json_each(encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> dict[str, Any]:
+    """Field metadata of a ``dict[str, X]`` field: ``encode``/``decode`` applied to each value."""
+    return json_codec(lambda d: {k: encode(v) for k, v in sorted(d.items())},
+                      lambda d: {str(k): decode(v) for k, v in d.items()})
+
+
+NOT_IN_JSON = {"json": None}  # field metadata: persisted elsewhere (tensors) or not at all
+
+
+class JsonRecord:
+    """A dataclass persisted as one JSON object, each field named once: in the class.
+
+    Fields convert with their ``json_codec`` metadata, or as they are (plain JSON);
+    a key missing when reading keeps the field's default.
+    """
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            codec = f.metadata.get("json", ())
+            if codec is None:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = codec[0](value) if codec else value
+        return out
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any], **extra: Any) -> R:
+        kwargs = dict(extra)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            codec = f.metadata.get("json", ())
+            if codec is None or f.name not in data:
+                continue
+            kwargs[f.name] = codec[1](data[f.name]) if codec else data[f.name]
+        return cls(**kwargs)

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from tap_core.errors import WireError
+from tap_core.layout import Layout, layout_bytes
 from tap_core.model.tap_model import ComponentValues
 from tap_core.proto.tap.v1 import federation_pb2 as pb
-from tap_core.wire_size import WIRE_TORCH_DTYPES, layout_bytes
-
-Layout = Mapping[str, list[tuple[str, tuple[int, ...]]]]  # component -> ordered (tensor name, shape)
+from tap_core.wire_dtype import WIRE_TORCH_DTYPES
 
 DTYPE_TO_PROTO = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
 PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
@@ -45,7 +44,7 @@ def layout_to_proto(layout: Layout) -> list[pb.ComponentLayout]:
     ]
 
 
-def layout_from_proto(messages: Iterable[pb.ComponentLayout]) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+def layout_from_proto(messages: Iterable[pb.ComponentLayout]) -> Layout:
     return {m.name: [(t.name, tuple(int(d) for d in t.shape)) for t in m.tensors] for m in messages}
 
 

@@ -14,14 +14,8 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
+from tap_core.errors import Rejected
 from tap_server.provision import SiloRegistry, cert_fingerprint, common_name
-
-
-class AuthError(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
-        self.code = code
-        self.reason = reason
-        super().__init__(message)
 
 
 class SiloAuthenticator:
@@ -47,31 +41,32 @@ class SiloAuthenticator:
         return sorted(self._data["silos"])
 
     def identify_pem(self, pem: bytes) -> str:
-        """The silo id of a (TLS-verified) client certificate, or AuthError saying why not."""
+        """The silo id of a (TLS-verified) client certificate, or :class:`Rejected` saying why not."""
         self.reload()
-        cert = x509.load_pem_x509_certificate(pem)
+        try:
+            cert = x509.load_pem_x509_certificate(pem)
+        except ValueError as exc:
+            raise Rejected("bad_certificate", f"unreadable client certificate: {exc}") from exc
         silo = common_name(cert)
         fingerprint = cert_fingerprint(cert)
         with self._lock:
             silos, revoked = self._data["silos"], self._data["revoked"]
         if silo in revoked and revoked[silo].get("sha256") == fingerprint:
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "revoked",
-                            f"the certificate of silo {silo} was revoked; ask the operator for a new kit")
+            raise Rejected("revoked", f"the certificate of silo {silo} was revoked; ask the operator for a new kit")
         entry = silos.get(silo)
         if entry is None:
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "not_provisioned",
-                            f"silo {silo!r} is not provisioned in this federation; ask the operator to run "
-                            f"`tap-server provision --add-silo {silo}` and use the kit it writes")
+            raise Rejected("not_provisioned",
+                           f"silo {silo!r} is not provisioned in this federation; ask the operator to run "
+                           f"`tap-server provision --add-silo {silo}` and use the kit it writes")
         if entry.get("sha256") != fingerprint:
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "unknown_certificate",
-                            f"this certificate for silo {silo} is not the one provisioned (SHA-256 {fingerprint[:16]}…); "
-                            "use the kit the operator handed over")
+            raise Rejected("unknown_certificate",
+                           f"this certificate for silo {silo} is not the one provisioned (SHA-256 {fingerprint[:16]}…); "
+                           "use the kit the operator handed over")
         return silo
 
     def identify(self, context: grpc.ServicerContext) -> str:
         auth = context.auth_context()
         pem = (auth.get("x509_pem_cert") or [b""])[0]
         if not pem:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "no_certificate",
-                            "no client certificate: connect with mTLS using the silo kit")
+            raise Rejected("no_certificate", "no client certificate: connect with mTLS using the silo kit")
         return self.identify_pem(pem)

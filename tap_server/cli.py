@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -12,7 +13,7 @@ from tap_core.errors import TapError
 from tap_core.runtime import configure_logging
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
 
@@ -104,10 +105,15 @@ def status(state_dir: Path) -> None:
     path = state_dir / "state.json"
     if not path.is_file():
         _fail(TapError(f"{path} not found: no federation state in {state_dir}"))
-    state = json.loads(path.read_text())
-    click.echo(f"phase {state['phase']}, round {state['round']}/{state['config']['rounds']}, "
-               f"{len(state['declarations'])} silos joined, {len(state['results'])} results")
-    for record in state["history"]:
+    from tap_server.federation_state import FederationState
+
+    try:
+        state = FederationState.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        _fail(TapError(f"{path} is not a state file of this tap-server: {exc}"))
+    click.echo(f"phase {state.phase}, round {state.round}/{state.config['rounds']}, "
+               f"{len(state.declarations)} silos joined, {len(state.results)} results")
+    for record in state.log.history:
         losses = ", ".join(f"{t}={v:.4f}" for t, v in record["task_losses"].items())
         click.echo(f"  round {record['round']}: {len(record['received'])}/{len(record['selected'])} updates; {losses}")
 

@@ -19,7 +19,8 @@ from tap_core.errors import ConfigError
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import channel_options, split_address
 from tap_server.auth import SiloAuthenticator
-from tap_server.federation import DONE, Federation
+from tap_server.federation import Federation
+from tap_server.federation_api import DONE
 from tap_server.metrics import ServerMetrics
 from tap_server.servicer import FederationServicer
 
@@ -117,7 +118,8 @@ class ServerDaemon:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                              options=channel_options(self.config) + [NO_PORT_SHARING],
                              maximum_concurrent_rpcs=workers * 4)
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(self.federation, self.auth, self.metrics), server)
+        servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
+        pb_grpc.add_FederationServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
         self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")
@@ -125,21 +127,20 @@ class ServerDaemon:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._clock, name="tap-clock", daemon=True).start()
         log.info("serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s", host, self.port,
-                 self.health_port or "-", self.metrics_port or "-", opts.state_dir, self.federation.phase)
+                 self.health_port or "-", self.metrics_port or "-", opts.state_dir, self.federation.status().phase)
         return self
 
     def _clock(self) -> None:
         """Deadlines, connected-silo gauge, and the exit once every silo has seen 'done'."""
         done_since = None
+        federation = self.federation
+        assert federation is not None, "start() first"
         while not self.stop_event.wait(0.5):
-            fed = self.federation
             try:
-                fed.tick()
-                self.metrics.clients_connected.set(fed.connected())
-                if fed.phase == DONE and self.options.exit_when_done:
+                status = federation.tick()
+                if status.phase == DONE and self.options.exit_when_done:
                     done_since = done_since or time.monotonic()
-                    everyone_told = fed.told_done >= set(fed.declarations)
-                    if everyone_told or time.monotonic() - done_since > self.options.done_grace_s:
+                    if status.everyone_told_done or time.monotonic() - done_since > self.options.done_grace_s:
                         log.info("federation done; exiting (--exit-when-done)")
                         self.stop_event.set()
             except Exception:  # e.g. a state write that failed: keep the clock (deadlines, exit) running
@@ -165,8 +166,7 @@ class ServerDaemon:
         for event in [server.stop(grace) for server in self._servers]:
             event.wait()
         if self.federation is not None:
-            with self.federation.changed:  # a state write in progress holds this lock: let it finish
-                pass
+            self.federation.wait_idle()  # a state write in progress finishes first
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()

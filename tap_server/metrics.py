@@ -6,7 +6,16 @@ tests/test_deploy.py fails if those use a name that is not exported here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tap_core.layout import layout_bytes
+from tap_core.messages import SiloResult
+from tap_core.model.components import component_kind
+
+if TYPE_CHECKING:
+    from tap_server.federation_api import Status, Transfer
 
 PHASES = ("waiting_for_silos", "training", "aggregating", "finishing", "done")
 
@@ -46,6 +55,44 @@ class ServerMetrics:
     def set_phase(self, phase: str) -> None:
         for name in PHASES:
             self.phase.labels(phase=name).set(1.0 if name == phase else 0.0)
+
+    def publish(self, status: "Status") -> None:
+        """The gauges that describe where the federation stands."""
+        self.round.set(status.round)
+        self.rounds_total.set(status.rounds)
+        self.set_phase(status.phase)
+        self.clients_joined.set(len(status.joined))
+        self.clients_selected.set(len(status.selected))
+        self.clients_connected.set(status.connected)
+        self.results_received.set(len(status.results))
+
+    def record_transfer(self, transfer: "Transfer") -> None:
+        """A tensor stream: its wire bytes split over component kinds in proportion to their payload, its duration."""
+        upload = transfer.direction == "up"
+        counter = self.bytes_received if upload else self.bytes_sent
+        sizes: dict[str, int] = {}
+        for component, tensors in transfer.layout.items():
+            kind = component_kind(component)
+            sizes[kind] = sizes.get(kind, 0) + layout_bytes({component: tensors}, "fp32")
+        total = sum(sizes.values()) or 1
+        for kind, size in sizes.items():
+            counter.labels(kind=kind).inc(transfer.wire_bytes * size / total)
+        self.stream_seconds.labels(direction="upload" if upload else "download").observe(transfer.seconds)
+
+    def round_closed(self, record: dict[str, Any], aggregation_seconds: float) -> None:
+        """A round's history record (``tap_server.round_log``), once it is aggregated."""
+        for tasks in record["replacements"].values():
+            for task in tasks:
+                self.replacements.labels(task=task).inc()
+        self.aggregation_seconds.observe(aggregation_seconds)
+        self.rounds_completed.inc()
+        self.clients_dropped.inc(len(record["dropped"]))
+        for task, loss in record["task_losses"].items():
+            self.task_loss.labels(task=task).set(loss)
+
+    def result_received(self, result: SiloResult) -> None:
+        for task, loss in result.kd_losses.items():
+            self.kd_loss.labels(task=task).set(loss)
 
     def exported_names(self) -> set[str]:
         """Every sample name this registry can expose, labelled series included before they have values.

@@ -77,3 +77,112 @@ def tiny_spec() -> ModelSpec:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------ federations in process
+
+
+class FakeClock:
+    """A clock the test moves by hand (deadlines without waiting)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_runtimes():
+    """``make_runtimes(config, silos=None)``: the synthetic silos (or ``silos``) as in-process runtimes."""
+    from tap_core.silo import SiloRuntime
+
+    def make(config: FederationConfig, silos: list[SiloSpec] | None = None) -> dict:
+        silos = silos or synthetic_silos()
+        data = synthetic_data(silos)
+        return {s.id: SiloRuntime(s, data[s.id], config, torch.device("cpu")) for s in silos}
+
+    return make
+
+
+@pytest.fixture
+def joined(make_runtimes):
+    """``joined(config, state_dir=None, clock=None, silos=None)``: a federation every runtime joined, and the runtimes
+    (holding their plans)."""
+    from tap_server.federation import Federation
+
+    def make(config: FederationConfig, state_dir=None, clock=None, silos=None):
+        runtimes = make_runtimes(config, silos)
+        kwargs = {"clock": clock} if clock is not None else {}
+        federation = Federation(config, state_dir=state_dir, expected_silos=len(runtimes), **kwargs)
+        for runtime in runtimes.values():
+            federation.register(runtime.declaration())
+        for silo, runtime in runtimes.items():
+            runtime.set_plan(federation.silo_plan(silo))
+        return federation, runtimes
+
+    return make
+
+
+# ------------------------------------------------------------ the deployed system (gRPC, mTLS)
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    from tap_server.provision import provision
+
+    root = tmp_path_factory.mktemp("kits")
+    provision(root, ["alpha", "beta", "delta"], ["127.0.0.1"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def other_kits(tmp_path_factory):
+    """A second, unrelated provisioning: another CA."""
+    from tap_server.provision import provision
+
+    root = tmp_path_factory.mktemp("other")
+    provision(root, ["alpha"], ["127.0.0.1"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(kits, tmp_path_factory):
+    from helpers import start_server
+
+    daemon = start_server(kits / "server", tmp_path_factory.mktemp("state"))
+    yield daemon
+    daemon.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def round1(server, kits):
+    """alpha and beta joined ``server`` over mTLS and downloaded round 1 (their stubs stay open)."""
+    from helpers import join_both
+
+    silos = join_both(server, kits)
+    yield silos
+    for entry in silos.values():
+        entry["channel"].close()
+
+
+@pytest.fixture
+def serve():
+    """``serve(kit, state, config=GRPC_CONFIG, **options)``: a started server, stopped after the test."""
+    from helpers import start_server
+
+    started = []
+
+    def make(*args, **kwargs):
+        daemon = start_server(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop(grace=1)

@@ -33,9 +33,10 @@ class Algorithm(ABC):
     def __init__(self, config: FederationConfig):
         self.config = config
 
-    def shared_components(self, plan: ModelPlan) -> list[str]:
+    @classmethod
+    def shared_components(cls, plan: ModelPlan) -> list[str]:
         """Components that travel between a silo holding ``plan`` and the server."""
-        return plan.components if self.federated else []
+        return plan.components if cls.federated else []
 
     @abstractmethod
     def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
@@ -54,9 +55,9 @@ class Algorithm(ABC):
 
     # helpers shared by the implementations
 
-    def upload(self, silo: SiloRuntime, round_index: int, model: TapModel, stats: RoundStats) -> ClientUpdate:
+    def make_update(self, silo: SiloRuntime, round_index: int, model: TapModel, stats: RoundStats) -> ClientUpdate:
+        """The update of ``model``'s shared components (the caller sends it and records the round as done)."""
         shared = self.shared_components(silo.plan)
-        silo.state.rounds_done.append(round_index)
         return ClientUpdate(silo.id, round_index, model.values(shared), silo.component_weights(shared), stats)
 
     def finetuned_global(self, silo: SiloRuntime, final_values: ComponentValues) -> tuple[TapModel, PhaseResult]:

@@ -15,7 +15,7 @@ class FedAvg(Algorithm):
         model = silo.global_model(global_values)
         result = silo.train(model, "global", round_index)
         stats = RoundStats(task_losses=result.losses, train_seconds=result.seconds, samples_seen=result.samples)
-        return self.upload(silo, round_index, model, stats)
+        return self.make_update(silo, round_index, model, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
         return FinalModel(silo.fresh_copy(final_values))

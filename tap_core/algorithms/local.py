@@ -17,7 +17,7 @@ class LocalOnly(Algorithm):
         silo.state.personal_losses.update(result.losses)
         stats = RoundStats(task_losses=result.losses, personal_losses=result.losses, train_seconds=result.seconds,
                            samples_seen=result.samples)
-        return self.upload(silo, round_index, silo.personal, stats)
+        return self.make_update(silo, round_index, silo.personal, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
         # the ft_steps that fedavg-ft spends fine-tuning, spent on more local training

@@ -41,7 +41,7 @@ class Tap(Algorithm):
             samples_seen=trained.samples + personal.samples,
         )
         # 4. upload the trained global copy (never the personal model)
-        return self.upload(silo, round_index, global_copy, stats)
+        return self.make_update(silo, round_index, global_copy, stats)
 
     def replace(self, silo: SiloRuntime, round_index: int, global_copy: TapModel,
                 global_losses: dict[str, float]) -> list[ReplacementEvent]:

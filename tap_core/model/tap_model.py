@@ -17,6 +17,7 @@ from torch import nn
 
 from tap_core.config import ModelSpec, TaskSpec
 from tap_core.errors import ModelMismatchError
+from tap_core.layout import Layout
 from tap_core.model import components as C
 from tap_core.model.backbone import Backbone
 from tap_core.model.heads import ClassificationHead, ImageDecoderHead, TextDecoderHead
@@ -190,7 +191,7 @@ class TapModel(nn.Module):
         """Trainable parameters of one component, by local name (what travels on the wire)."""
         return {n: p for n, p in self.part(component).named_parameters() if p.requires_grad}
 
-    def manifest(self, components: Iterable[str] | None = None) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    def layout(self, components: Iterable[str] | None = None) -> Layout:
         """Ordered (name, shape) of every trainable tensor per component: the layout both sides agree on."""
         names = self.components if components is None else components
         return {c: [(n, tuple(p.shape)) for n, p in sorted(self.trainable(c).items())] for c in names}
