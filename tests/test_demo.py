@@ -16,6 +16,7 @@ from tap_cli.cli import main
 from tap_cli.demo import DemoLayout, client_command, free_port, prepare_workdir, server_command, wait_healthy
 from tap_cli.options import config_from_options
 from tap_cli.simulate import run_simulation
+from tap_core.errors import TapError
 
 FAST = ["--model", "tiny", "--rounds", "2", "--local-steps", "2", "--ft-steps", "2", "--kd-steps", "2",
         "--batch-size", "8"]
@@ -94,6 +95,14 @@ def test_an_agent_killed_mid_federation_resumes_from_disk(tmp_path, simulated):
     assert_same_metrics(report, simulated)
     log = (layout.logs / "mixed-gen.log").read_text()
     assert "resumed local state" in log
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "precious.txt").write_text("do not delete")
+    scenario, config = config_from_options(OPTIONS)
+    with pytest.raises(TapError, match="not made by tap demo"):
+        prepare_workdir(DemoLayout(tmp_path), scenario, config, None)
+    assert (tmp_path / "precious.txt").exists()
 
 
 def test_tap_server_and_client_commands_are_installed():

@@ -112,14 +112,14 @@ def test_component_values_depend_on_seed_and_name_only():
     assert not torch.equal(other_seed["head.cls"]["out.weight"], small.values()["head.cls"]["out.weight"])
 
 
-def test_manifest_and_load_values_check_the_layout():
+def test_layout_and_load_values_check_the_layout():
     m = model(CLS)
-    manifest = m.manifest()
+    layout = m.layout()
     values = m.values()
-    assert list(manifest) == m.components
-    for component, layout in manifest.items():
-        assert [n for n, _ in layout] == list(values[component])
-        assert all(tuple(values[component][n].shape) == s for n, s in layout)
+    assert list(layout) == m.components
+    for component, tensors in layout.items():
+        assert [n for n, _ in tensors] == list(values[component])
+        assert all(tuple(values[component][n].shape) == s for n, s in tensors)
     wrong = {"head.cls": {**values["head.cls"], "out.weight": torch.zeros(5, 5)}}
     with pytest.raises(ModelMismatchError, match="shape"):
         m.load_values(wrong)

@@ -8,42 +8,20 @@ import json
 import pytest
 import torch
 
-from conftest import synthetic_data, synthetic_silos, tiny_config
+from conftest import tiny_config
 from tap_core.algorithms import get_algorithm
-from tap_core.errors import ConfigError
-from tap_core.silo import SiloRuntime, SiloState
+from tap_core.errors import ConfigError, TapError
+from tap_core.silo import SiloState
 from tap_core.store import CheckpointStore
 from tap_client.store import ClientStore
 from tap_server.federation import FINISHING, TRAINING, Federation
-
-DEVICE = torch.device("cpu")
-
-
-def make_runtimes(config):
-    silos = synthetic_silos()
-    data = synthetic_data(silos)
-    return {s.id: SiloRuntime(s, data[s.id], config, DEVICE) for s in silos}
-
-
-def join(federation, rts):
-    for rt in rts.values():
-        federation.register(rt.declaration())
-    for sid, rt in rts.items():
-        rt.set_plan(federation.silo_plan(sid))
-
-
-def started(config, state_dir):
-    """Runtimes and a federation they all joined (with a state directory)."""
-    rts = make_runtimes(config)
-    federation = Federation(config, state_dir=state_dir, expected_silos=3)
-    join(federation, rts)
-    return federation, rts
+from tap_server.federation_state import FederationState
 
 
 def train_round(federation, rts, algorithm, keep=None):
-    r = federation.round
-    for sid in list(federation.selected):
-        update = algorithm.local_round(rts[sid], r, federation.payload(sid, r))
+    status = federation.status()
+    for sid in status.selected:
+        update = algorithm.local_round(rts[sid], status.round, federation.payload(sid, status.round).values)
         if keep is not None:
             keep[sid] = update
         federation.submit_update(update)
@@ -51,7 +29,7 @@ def train_round(federation, rts, algorithm, keep=None):
 
 def finish(federation, rts, algorithm):
     for sid in sorted(rts):
-        result, _ = algorithm.finish(rts[sid], federation.payload(sid, federation.round))
+        result, _ = algorithm.finish(rts[sid], federation.payload(sid, federation.status().round).values)
         federation.submit_result(result)
     return {k: v for k, v in federation.report().items() if k != "timing"}
 
@@ -70,78 +48,90 @@ def test_checkpoint_store_replaces_atomically(tmp_path):
     assert store.load()[0]["round"] == 3
 
 
-def test_server_restart_between_rounds_resumes_with_identical_weights(tmp_path):
+def test_the_state_record_round_trips_through_json(tmp_path, joined):
+    """Every persisted field is written and read back by the one record (no field forgotten on either side)."""
+    config = tiny_config("tap", rounds=2)
+    federation, rts = joined(config, state_dir=tmp_path)
+    train_round(federation, rts, get_algorithm(config))
+    store = CheckpointStore(tmp_path, "state")
+    state = FederationState.load(store, config, rts["a"].backbone.fingerprint)
+    assert FederationState.from_json(state.to_json()).to_json() == state.to_json()
+    data = state.to_json()
+    assert state.phase == TRAINING and state.round == 2 and state.log.history[0]["round"] == 1
+    assert set(data) == {f.name for f in dataclasses.fields(FederationState)} - {"global_values"}
+    assert set(state.global_values) == set(state.layout) == set(state.plan.components)
+    assert data["log"]["wire"]["bytes_up"] > 0 and data["log"]["counted"]
+
+
+def test_server_restart_between_rounds_resumes_with_identical_weights(tmp_path, joined):
     config = tiny_config("tap", rounds=3)
     algorithm = get_algorithm(config)
-    reference_rts = make_runtimes(config)
-    reference = Federation(config, state_dir=tmp_path / "a", expected_silos=3)
-    join(reference, reference_rts)
-    while reference.phase == TRAINING:
+    reference, reference_rts = joined(config, state_dir=tmp_path / "a")
+    while reference.status().phase == TRAINING:
         train_round(reference, reference_rts, algorithm)
     expected = finish(reference, reference_rts, algorithm)
 
-    rts = make_runtimes(config)
-    first = Federation(config, state_dir=tmp_path / "b", expected_silos=3)
-    join(first, rts)
+    first, rts = joined(config, state_dir=tmp_path / "b")
     train_round(first, rts, algorithm)
-    saved = {c: {n: t.clone() for n, t in ts.items()} for c, ts in first.global_values.items()}
+    saved = first.global_values()
     del first  # the server dies after round 1 was aggregated and persisted
 
     resumed = Federation(config, state_dir=tmp_path / "b", expected_silos=3)
-    assert resumed.phase == TRAINING and resumed.round == 2
+    status = resumed.status()
+    assert status.phase == TRAINING and status.round == 2
+    values = resumed.global_values()
     for component, tensors in saved.items():
         for name, tensor in tensors.items():
-            assert torch.equal(resumed.global_values[component][name], tensor)
-    while resumed.phase == TRAINING:
+            assert torch.equal(values[component][name], tensor)
+    while resumed.status().phase == TRAINING:
         train_round(resumed, rts, algorithm)
     assert finish(resumed, rts, algorithm) == expected
 
 
-def test_server_restart_mid_round_asks_again_and_accepts_the_saved_updates(tmp_path):
+def test_server_restart_mid_round_asks_again_and_accepts_the_saved_updates(tmp_path, joined):
     config = tiny_config("fedavg", rounds=2)
     algorithm = get_algorithm(config)
-    federation, rts = started(config, tmp_path)
-    first_update = algorithm.local_round(rts["a"], 1, federation.payload("a", 1))
+    federation, rts = joined(config, state_dir=tmp_path)
+    first_update = algorithm.local_round(rts["a"], 1, federation.payload("a", 1).values)
     federation.submit_update(first_update)
-    assert "a" in federation.received
+    assert federation.status().received == ("a",)
     del federation  # dies before the round closes: the in-memory partial aggregate is lost
 
     resumed = Federation(config, state_dir=tmp_path, expected_silos=3)
-    assert resumed.phase == TRAINING and resumed.round == 1 and resumed.received == {}
+    status = resumed.status()
+    assert status.phase == TRAINING and status.round == 1 and status.received == ()
     assert resumed.assignment("a").action == "train"
     resumed.submit_update(first_update)  # the agent re-sends its saved update
     for sid in ("b", "c"):
-        resumed.submit_update(algorithm.local_round(rts[sid], 1, resumed.payload(sid, 1)))
-    assert resumed.round == 2
+        resumed.submit_update(algorithm.local_round(rts[sid], 1, resumed.payload(sid, 1).values))
+    assert resumed.status().round == 2
 
 
-def test_resume_with_a_different_config_is_refused(tmp_path):
+def test_resume_with_a_different_config_is_refused(tmp_path, joined):
     config = tiny_config("tap")
-    federation = Federation(config, state_dir=tmp_path, expected_silos=3)
-    join(federation, make_runtimes(config))
+    joined(config, state_dir=tmp_path)
     with pytest.raises(ConfigError, match="different algorithm"):
         Federation(dataclasses.replace(config, algorithm="fedavg"), state_dir=tmp_path)
 
 
-def test_finished_federation_writes_the_report_and_stays_done(tmp_path):
+def test_finished_federation_writes_the_report_and_stays_done(tmp_path, joined):
     config = tiny_config("fedavg", rounds=1)
     algorithm = get_algorithm(config)
-    federation, rts = started(config, tmp_path)
+    federation, rts = joined(config, state_dir=tmp_path)
     train_round(federation, rts, algorithm)
-    assert federation.phase == FINISHING
+    assert federation.status().phase == FINISHING
     report = finish(federation, rts, algorithm)
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["mean_primary"] == pytest.approx(report["mean_primary"])
     again = Federation(config, state_dir=tmp_path)
-    assert again.phase == "done" and again.assignment("a").action == "done"
+    assert again.status().phase == "done" and again.assignment("a").action == "done"
 
 
-def test_client_store_round_trip(tmp_path):
+def test_client_store_round_trip(tmp_path, joined):
     config = tiny_config("tap")
-    rts = make_runtimes(config)
-    federation = Federation(config, expected_silos=3)
-    join(federation, rts)
-    update = get_algorithm(config).local_round(rts["a"], 1, federation.payload("a", 1))
+    federation, rts = joined(config)
+    update = get_algorithm(config).local_round(rts["a"], 1, federation.payload("a", 1).values)
+    rts["a"].state.rounds_done.append(1)  # what the agent records once an update is made
     store = ClientStore(tmp_path)
     store.save_update(update)
     store.save_silo("a", rts["a"].state, rts["a"].personal.values(), 1)
@@ -152,3 +142,15 @@ def test_client_store_round_trip(tmp_path):
     silo_id, state, personal = store.load_silo()
     assert silo_id == "a" and state.rounds_done == [1] and state.replacements == rts["a"].state.replacements
     assert isinstance(state, SiloState) and set(personal) == set(rts["a"].plan.components)
+
+
+def test_an_agent_state_directory_belongs_to_one_federation_and_silo(tmp_path):
+    store = ClientStore(tmp_path / "state")
+    store.claim("f" * 32, "a")
+    store.claim("f" * 32, "a")  # the same federation again: fine
+    with pytest.raises(TapError, match="belongs to silo a of federation"):
+        ClientStore(tmp_path / "state").claim("e" * 32, "a")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(TapError, match="not empty"):
+        ClientStore(tmp_path / "other").claim("f" * 32, "a")

@@ -25,7 +25,8 @@ from tap_core.wire import (
     layout_from_proto,
     layout_to_proto,
 )
-from tap_core.wire_size import WIRE_TORCH_DTYPES, bytes_per_element, payload_bytes, quantize
+from tap_core.layout import payload_bytes
+from tap_core.wire_dtype import WIRE_TORCH_DTYPES, bytes_per_element, quantize
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -568,7 +569,7 @@ def test_framing_overhead_of_a_small_model_is_under_five_percent(dtype):
     from tap_core.config import WireConfig
 
     model = _tiny_model()
-    layout, values = model.manifest(), model.values()
+    layout, values = model.layout(), model.values()
     assert len(layout) > 20 and sum(len(t) for t in layout.values()) > 100  # many small tensors: the hard case
     raw = payload_bytes(values, dtype)
     for chunk in (64 * 1024, WireConfig().chunk_bytes):
