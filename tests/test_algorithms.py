@@ -1,18 +1,17 @@
-"""TAP's two stages, the baselines, aggregation, losses and metrics — on tiny synthetic silos."""
+"""TAP's two stages, the baselines, losses and metrics — on tiny synthetic silos. (Aggregation: test_aggregation.py.)"""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import pytest
 import torch
 
-from conftest import TASKS, synthetic_data, synthetic_silos, synthetic_task_data, tiny_config
-from tap_core.algorithms import REGISTRY, get_algorithm
+from conftest import TASKS, synthetic_task_data, tiny_config
+from tap_core.algorithms import REGISTRY, get_algorithm, travelling_components
 from tap_core.algorithms.tap import Tap
-from tap_core.config import ALGORITHMS, SiloSpec, TrainConfig
+from tap_core.config import ALGORITHMS, SiloSpec, TrainConfig, margin_for
 from tap_core.messages import SiloDeclaration
 from tap_core.model.tap_model import Batch
 from tap_core.plan import united_tasks
@@ -21,27 +20,9 @@ from tap_core.training.losses import kd_logits, kd_loss
 from tap_core.training.metrics import ClassificationMetrics, ImageGenerationMetrics, TextGenerationMetrics
 from tap_core.training.trainer import warmup_schedule
 from tap_cli.simulate import run_federation
-from tap_server.aggregation import StreamingAggregator
 from tap_server.federation import Federation
 
 DEVICE = torch.device("cpu")
-
-
-def runtimes(config, silos=None):
-    silos = silos or synthetic_silos()
-    data = synthetic_data(silos)
-    return {s.id: SiloRuntime(s, data[s.id], config, DEVICE) for s in silos}
-
-
-def started(config, silos=None):
-    """A federation with every silo joined and every runtime holding its plan."""
-    rts = runtimes(config, silos)
-    federation = Federation(config, expected_silos=len(rts))
-    for rt in rts.values():
-        federation.register(rt.declaration())
-    for sid, rt in rts.items():
-        rt.set_plan(federation.silo_plan(sid))
-    return federation, rts
 
 
 def without_timing(report):
@@ -52,29 +33,39 @@ def test_algorithm_registry_matches_the_config_choices():
     assert set(REGISTRY) == set(ALGORITHMS)
 
 
+def test_which_components_travel_is_known_without_building_an_algorithm(joined):
+    federation, rts = joined(tiny_config("fedavg"))
+    plan = rts["a"].plan
+    for name in ALGORITHMS:
+        travelling = travelling_components(name, plan)
+        assert travelling == ([] if name == "local" else plan.components)
+        assert travelling == get_algorithm(tiny_config(name)).shared_components(plan)  # what the silo sends
+
+
 # ---------------------------------------------------------------- replacement
 
 
-def test_first_participation_adopts_every_task_because_personal_loss_starts_at_infinity():
+def test_first_participation_adopts_every_task_because_personal_loss_starts_at_infinity(joined):
     config = tiny_config("tap")
-    federation, rts = started(config)
+    federation, rts = joined(config)
     silo = rts["a"]
     assert math.isinf(silo.state.personal_loss("colour"))
     algorithm = Tap(config)
-    update = algorithm.local_round(silo, 1, federation.payload("a", 1))
+    update = algorithm.local_round(silo, 1, federation.payload("a", 1).values)
     assert sorted(e.task for e in update.stats.replacements) == ["colour", "vqa"]
+    assert silo.state.rounds_done == []  # the agent records a round as done, not the algorithm
     assert all(math.isinf(e.personal_loss) for e in update.stats.replacements)
     assert silo.state.replacements == {"colour": 1, "vqa": 1}
     assert set(silo.state.personal_losses) == {"colour", "vqa"}
 
 
-def test_replacement_copies_exactly_the_winning_task_components_and_only_past_the_margin():
+def test_replacement_copies_exactly_the_winning_task_components_and_only_past_the_margin(joined):
     config = tiny_config("tap")
-    federation, rts = started(config)
+    federation, rts = joined(config)
     silo = rts["a"]
     algorithm = Tap(config)
-    algorithm.local_round(silo, 1, federation.payload("a", 1))  # personal model now trained
-    global_copy = silo.global_model(federation.payload("a", 1))
+    algorithm.local_round(silo, 1, federation.payload("a", 1).values)  # personal model now trained
+    global_copy = silo.global_model(federation.payload("a", 1).values)
     with torch.no_grad():  # make every global value differ from the personal one
         for p in global_copy.trainable_parameters():
             p.add_(1.0)
@@ -102,80 +93,43 @@ def test_replacement_copies_exactly_the_winning_task_components_and_only_past_th
     assert silo.state.replacements["colour"] == 2  # round 1 + this one
 
 
-def test_train_loss_mode_compares_training_losses():
-    config = tiny_config("tap", replacement="train_loss")
-    federation, rts = started(config)
-    report = run_federation(rts, config, federation=federation)
-    assert report["replacements"]  # first participation always adopts
-    assert report["history"][0]["personal_losses"]
+def test_the_replacement_mode_changes_which_tasks_are_replaced(joined, make_runtimes):
+    """``validation`` compares the global copy's validation loss, ``train_loss`` its training loss, with L_p.
 
-
-# ---------------------------------------------------------------- aggregation
-
-
-def test_aggregation_equals_the_naive_weighted_average_and_keeps_untouched_components():
-    g = torch.Generator().manual_seed(0)
-    current = {"a": {"w": torch.randn(3, 4, generator=g)}, "b": {"w": torch.randn(2, generator=g)}}
-    updates = [({"a": {"w": torch.randn(3, 4, generator=g)}}, {"a": w}) for w in (10.0, 30.0, 5.0)]
-    aggregator = StreamingAggregator()
-    for values, weights in updates:
-        aggregator.add(values, weights)
-    result = aggregator.result(current)
-    naive = sum(v["a"]["w"] * w["a"] for v, w in updates) / sum(w["a"] for _, w in updates)
-    assert torch.allclose(result["a"]["w"], naive, atol=1e-6)
-    assert torch.equal(result["b"]["w"], current["b"]["w"])
-    assert result["a"]["w"].dtype == torch.float32
-
-
-def test_aggregation_does_not_depend_on_arrival_order():
-    g = torch.Generator().manual_seed(1)
-    updates = [({"a": {"w": torch.randn(1000, generator=g)}}, {"a": float(w)}) for w in (3, 7, 11, 13)]
-    results = []
-    for order in itertools.permutations(updates):
-        aggregator = StreamingAggregator()
-        for values, weights in order:
-            aggregator.add(values, weights)
-        results.append(aggregator.result({"a": {"w": torch.zeros(1000)}})["a"]["w"])
-    assert all(torch.equal(results[0], r) for r in results[1:])
-
-
-def test_fusion_components_change_in_a_round_and_are_aggregated():
-    """The authors' code never federated mote/mome/experts; here every fusion component moves and averages."""
-    config = tiny_config("fedavg", rounds=1)
-    federation, rts = started(config)
-    initial = {c: {n: t.clone() for n, t in ts.items()} for c, ts in federation.global_values.items()}
-    uploads = []
-    original = federation.submit_update
-
-    def capture(update):
-        uploads.append(update)
-        original(update)
-
-    federation.submit_update = capture
-    run_federation(rts, config, federation=federation)
-    final = federation.global_values
-    fusion = [c for c in final if c.split(".")[0] in ("mote", "mome", "expert", "adapter")]
-    assert len(fusion) > 10
-    for component in fusion:
-        changed = any(not torch.equal(initial[component][n], final[component][n]) for n in final[component])
-        assert changed, f"{component} did not change"
-        contributors = [u for u in uploads if component in u.values]
-        total = sum(u.weights[component] for u in contributors)
-        for name in final[component]:
-            expected = sum(u.values[component][name].double() * u.weights[component] for u in contributors) / total
-            assert torch.allclose(final[component][name], expected.float(), atol=1e-6), (component, name)
-    # the weights are the silos' training samples of the tasks that use the component
-    a = next(u for u in uploads if u.silo == "a")
-    assert a.weights["proj.shared"] == 2 * 48 and a.weights["head.vqa"] == 48
+    The global copy trains the same way in both modes (same seed, values and data), so a probe round tells both
+    losses of each task; with L_p set between them, exactly the mode that sees the lower one adopts the task.
+    """
+    by_validation = tiny_config("tap")
+    by_training = tiny_config("tap", replacement="train_loss")
+    federation, probes = joined(by_validation)
+    values = federation.payload("a", 1).values
+    probe = Tap(by_validation).local_round(probes["a"], 1, values)
+    train_loss = probe.stats.task_losses  # L_g by training loss
+    val_loss = {e.task: e.global_loss for e in probe.stats.replacements}  # L_g by validation (all adopted: L_p = inf)
+    assert set(val_loss) == set(train_loss) == {"colour", "vqa"}
+    assert all(abs(val_loss[t] - train_loss[t]) > 1e-3 for t in train_loss), (val_loss, train_loss)
+    margins = {t.name: margin_for(t, by_validation.train) for t in probes["a"].plan.tasks}
+    personal = {t: (val_loss[t] + train_loss[t]) / 2 + margins[t] for t in train_loss}
+    replaced = {}
+    for config in (by_validation, by_training):
+        silo = make_runtimes(config)["a"]
+        silo.set_plan(federation.silo_plan("a"))
+        silo.state.personal_losses = dict(personal)
+        update = Tap(config).local_round(silo, 1, values)
+        replaced[config.train.replacement] = {e.task for e in update.stats.replacements}
+        assert update.stats.task_losses == train_loss  # the same training in both modes
+    assert replaced["validation"] == {t for t in train_loss if val_loss[t] < train_loss[t]}
+    assert replaced["train_loss"] == {t for t in train_loss if train_loss[t] < val_loss[t]}
+    assert replaced["validation"] != replaced["train_loss"]
 
 
 # ---------------------------------------------------------------- algorithms end to end
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_every_algorithm_runs_through_the_same_federation(algorithm):
+def test_every_algorithm_runs_through_the_same_federation(algorithm, joined):
     config = tiny_config(algorithm)
-    federation, rts = started(config)
+    federation, rts = joined(config)
     report = run_federation(rts, config, federation=federation)
     assert report["algorithm"] == algorithm
     assert len(report["tasks"]) == 5
@@ -191,29 +145,29 @@ def test_every_algorithm_runs_through_the_same_federation(algorithm):
         assert report["replacements"] == {}
 
 
-def test_the_same_seed_gives_the_same_report_and_another_seed_does_not():
+def test_the_same_seed_gives_the_same_report_and_another_seed_does_not(make_runtimes):
     config = tiny_config("tap")
-    first = without_timing(run_federation(runtimes(config), config))
-    second = without_timing(run_federation(runtimes(config), config))
+    first = without_timing(run_federation(make_runtimes(config), config))
+    second = without_timing(run_federation(make_runtimes(config), config))
     assert first == second
     other = dataclasses.replace(config, seed=1)
-    assert without_timing(run_federation(runtimes(other), other))["tasks"] != first["tasks"]
+    assert without_timing(run_federation(make_runtimes(other), other))["tasks"] != first["tasks"]
 
 
-def test_tap_stage_one_is_tap_nokd_and_distillation_changes_the_model():
-    tap = run_federation(runtimes(tiny_config("tap")), tiny_config("tap"))
-    nokd = run_federation(runtimes(tiny_config("tap-nokd")), tiny_config("tap-nokd"))
+def test_tap_stage_one_is_tap_nokd_and_distillation_changes_the_model(make_runtimes):
+    tap = run_federation(make_runtimes(tiny_config("tap")), tiny_config("tap"))
+    nokd = run_federation(make_runtimes(tiny_config("tap-nokd")), tiny_config("tap-nokd"))
     for task in nokd["tasks"]:
         assert tap["stage1_metrics"][task["silo"]][task["task"]] == task["metrics"]
     assert tap["kd_losses"] and not nokd["kd_losses"]
 
 
-def test_clients_per_round_selects_a_deterministic_subset():
+def test_clients_per_round_selects_a_deterministic_subset(make_runtimes):
     config = dataclasses.replace(tiny_config("fedavg", rounds=3), clients_per_round=2)
-    report = run_federation(runtimes(config), config)
+    report = run_federation(make_runtimes(config), config)
     selections = [tuple(h["selected"]) for h in report["history"]]
     assert all(len(s) == 2 for s in selections)
-    again = run_federation(runtimes(config), config)
+    again = run_federation(make_runtimes(config), config)
     assert selections == [tuple(h["selected"]) for h in again["history"]]
 
 

@@ -6,27 +6,18 @@ import json
 
 from click.testing import CliRunner
 
-from conftest import synthetic_data, synthetic_silos, tiny_config
+from conftest import tiny_config
 from tap_cli.cli import main as tap
 from tap_cli.simulate import run_federation
-from tap_core.silo import SiloRuntime
 from tap_server.cli import main as tap_server
 from tap_server.federation import Federation
 
-import torch
 
-
-def finished_federation(tmp_path):
+def test_report_and_status_commands(tmp_path, make_runtimes):
     config = tiny_config("fedavg", rounds=1)
-    silos = synthetic_silos()
-    data = synthetic_data(silos)
-    runtimes = {s.id: SiloRuntime(s, data[s.id], config, torch.device("cpu")) for s in silos}
+    runtimes = make_runtimes(config)
     federation = Federation(config, state_dir=tmp_path / "state", expected_silos=len(runtimes))
-    return run_federation(runtimes, config, federation=federation)
-
-
-def test_report_and_status_commands(tmp_path):
-    report = finished_federation(tmp_path)
+    report = run_federation(runtimes, config, federation=federation)
     path = tmp_path / "report.json"
     path.write_text(json.dumps(report))
     result = CliRunner().invoke(tap, ["report", str(path), "--plot", str(tmp_path / "p.png")])
