@@ -83,7 +83,9 @@ class Heartbeats:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.connection.stub.Heartbeat(pb.HeartbeatRequest(round=self.round, activity=self.activity), timeout=10)
+                stub = self.connection.stub
+                if stub is not None:
+                    stub.Heartbeat(pb.HeartbeatRequest(round=self.round, activity=self.activity), timeout=10)
             except Exception as exc:  # a missed heartbeat is not fatal; the main loop handles the connection
                 log.debug("heartbeat failed: %s", exc)
 
@@ -107,6 +109,17 @@ class Agent:
         self.runtime: SiloRuntime | None = None
         self._restored: ComponentValues | None = None
 
+    @property
+    def federation_config(self) -> FederationConfig:
+        """The federation's config, from Hello."""
+        assert self.config is not None, "hello() first"
+        return self.config
+
+    @property
+    def silo_runtime(self) -> SiloRuntime:
+        assert self.runtime is not None, "prepare() first"
+        return self.runtime
+
     # -- set-up -------------------------------------------------------------------
 
     def hello(self) -> None:
@@ -124,7 +137,7 @@ class Agent:
                  config.algorithm, config.rounds)
 
     def prepare(self) -> None:
-        config = self.config
+        config = self.federation_config
         configure_threads(config.train.threads)
         device = select_device(config.train.device)
         silo = dataclasses.replace(self.options.silo, id=self.silo_id)
@@ -134,12 +147,12 @@ class Agent:
         saved = self.store.load_silo()
         if saved is not None:
             _, state, personal = saved  # claim() already checked the directory belongs to this silo
-            self.runtime.state = state
+            self.silo_runtime.state = state
             self._restored = personal
             log.info("resumed local state: rounds done %s", state.rounds_done)
 
     def join(self) -> None:
-        declaration = json.dumps(self.runtime.declaration().to_json())
+        declaration = json.dumps(self.silo_runtime.declaration().to_json())
         self.connection.call("join", lambda s: s.Join(pb.JoinRequest(declaration_json=declaration, client_version=VERSION),
                                                       timeout=60))
         log.info("joined the federation")
@@ -164,7 +177,7 @@ class Agent:
                 self.join()
                 continue
             if assignment.plan_json:
-                self.runtime.set_plan(plan_from_json(json.loads(assignment.plan_json)))
+                self.silo_runtime.set_plan(plan_from_json(json.loads(assignment.plan_json)))
                 self._restore_personal()
             if assignment.action == pb.Assignment.TRAIN:
                 self.train_round(assignment.round, layout_from_proto(assignment.layout))
@@ -176,11 +189,11 @@ class Agent:
 
     def _restore_personal(self) -> None:
         if self._restored is not None:
-            self.runtime.personal.load_values(self._restored)
+            self.silo_runtime.personal.load_values(self._restored)
             self._restored = None
 
     def train_round(self, round_index: int, layout: Layout) -> None:
-        runtime = self.runtime
+        runtime = self.silo_runtime
         update = self.store.load_update(self.silo_id, round_index) if round_index in runtime.state.rounds_done else None
         if update is None:
             values = self.download(round_index, layout)
@@ -202,10 +215,12 @@ class Agent:
         if result is None:
             values = self.download(round_index, layout)
             with Heartbeats(self.connection, self.heartbeat_s, "stage 2", round_index):
-                result, model = self.algorithm.finish(self.runtime, values)
-            meta = {"silo": self.silo_id, "algorithm": self.config.algorithm, "federation": self.config.name,
-                    "plan": json.loads(json.dumps(to_mapping(self.runtime.plan.tasks))),
-                    "fingerprint": self.runtime.backbone.fingerprint}
+                result, model = self.algorithm.finish(self.silo_runtime, values)
+            config, plan = self.federation_config, self.silo_runtime.plan
+            assert plan is not None
+            meta = {"silo": self.silo_id, "algorithm": config.algorithm, "federation": config.name,
+                    "plan": json.loads(json.dumps(to_mapping(plan.tasks))),
+                    "fingerprint": self.silo_runtime.backbone.fingerprint}
             self.store.save_results(result, model.values(), meta)
             if self.metrics:
                 self.metrics.record_result(result)
@@ -220,7 +235,7 @@ class Agent:
 
     def download(self, round_index: int, layout: Layout) -> ComponentValues:
         def fetch(stub) -> ComponentValues:
-            decoder = StreamDecoder(layout, self.config.wire.dtype)
+            decoder = StreamDecoder(layout, self.federation_config.wire.dtype)
             for frame in stub.Download(pb.DownloadRequest(round=round_index), timeout=STREAM_TIMEOUT_S):
                 decoder.feed(frame)
             values = decoder.finish()
@@ -233,7 +248,7 @@ class Agent:
         return self.connection.call(f"download round {round_index}", fetch)
 
     def upload(self, update: ClientUpdate, layout: Layout) -> None:
-        cfg = self.config.wire
+        cfg = self.federation_config.wire
         info = StreamInfo(update.round, json.dumps(update.stats.to_json()), update.weights)
 
         def send(stub):

@@ -84,7 +84,8 @@ def load_kit(directory: Path) -> Kit:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(directory / "client.key"), f"unreadable private key: {exc}") from exc
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise ConfigError(str(directory / "client.key"), "does not belong to client.crt", "use the key and certificate of one kit")
     try:
         cert.verify_directly_issued_by(ca)

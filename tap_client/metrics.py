@@ -31,7 +31,7 @@ class ClientMetrics:
         self.train_seconds.inc(update.stats.train_seconds)
 
     def record_result(self, result: SiloResult) -> None:
-        for task in result.tasks:
-            self.final_primary.labels(task=task.task).set(task.primary)
+        for outcome in result.tasks:
+            self.final_primary.labels(task=outcome.task).set(outcome.primary)
         for task, loss in result.kd_losses.items():
             self.kd_loss.labels(task=task).set(loss)

@@ -201,7 +201,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as exc:
                 errors.append(exc.problem)
         raise ConfigError(where, "; ".join(errors))
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         return from_mapping(tp, value, where)

@@ -6,7 +6,7 @@ from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
 
 
-def channel_options(config: FederationConfig) -> list[tuple[str, int]]:
+def channel_options(config: FederationConfig) -> list[tuple[str, int | str]]:
     """Message limits and keepalive (minutes of local training must not look like a dead peer)."""
     limit = config.wire.max_message_bytes
     return [

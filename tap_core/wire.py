@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, NoReturn
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def tensor_to_bytes(tensor: torch.Tensor, dtype: str) -> memoryview:
     array = raw.numpy()
     if not _LITTLE_ENDIAN:  # pragma: no cover - every supported platform is little-endian
         array = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).view(np.uint8)
-    return memoryview(array).cast("B")
+    return array.data.cast("B")
 
 
 def bytes_to_tensor(buffer: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -147,7 +147,7 @@ class StreamDecoder:
         self._partial: dict[tuple[int, int], _Partial] = {}
         self._done: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _fail(self, reason: str, message: str) -> None:
+    def _fail(self, reason: str, message: str) -> NoReturn:
         raise WireError(reason, message)
 
     def _start(self, header: pb.StreamHeader) -> None:
@@ -220,7 +220,7 @@ class StreamDecoder:
         partial.buffer[partial.received : end] = np.frombuffer(piece.data, np.uint8)
         partial.received = end
         if end == len(partial.buffer):
-            if zlib.crc32(partial.buffer) != partial.crc:
+            if zlib.crc32(partial.buffer.data) != partial.crc:
                 self._fail("bad_checksum", f"{component}/{name}: CRC-32 mismatch (corrupted in transit)")
             self._done[key] = bytes_to_tensor(partial.buffer, self.dtype, partial.shape)
             del self._partial[key]

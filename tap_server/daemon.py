@@ -9,6 +9,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -71,7 +72,7 @@ class ServerDaemon:
         self.health_port = 0
         self.metrics_port = 0
         self._servers: list[grpc.Server] = []
-        self._http = None
+        self._http: Any = None  # prometheus_client's WSGI server
         kit = options.kit
         self._credentials = grpc.ssl_server_credentials(
             [(read_kit_file(kit, "server.key"), read_kit_file(kit, "server.crt"))],
@@ -154,7 +155,11 @@ class ServerDaemon:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda s, f: (self.auth.reload(), log.info("silos.json reloaded")))
+            def reload(signum, frame):
+                self.auth.reload()
+                log.info("silos.json reloaded")
+
+            signal.signal(signal.SIGHUP, reload)
 
     def wait(self) -> None:
         self.stop_event.wait()

@@ -61,7 +61,7 @@ class RoundLog(JsonRecord):
             for task, loss in stats.task_losses.items():
                 task_losses.setdefault(task, []).append(loss)
         ordered = sorted(received.items())
-        record = {
+        record: Record = {
             "round": round_index,
             "selected": list(selected),
             "received": sorted(received),

@@ -82,15 +82,15 @@ def check_declaration(decl: SiloDeclaration) -> None:
             raise Rejected("bad_declaration", str(exc)) from exc
     if set(decl.train_samples) != set(names):
         raise Rejected("bad_declaration", f"train_samples must name exactly the tasks {sorted(names)}")
-    for task, count in decl.train_samples.items():
+    for name, count in decl.train_samples.items():
         if not 1 <= count <= MAX_SAMPLES:
-            raise Rejected("bad_declaration", f"task {task}: {count} training samples (1 to {MAX_SAMPLES})")
+            raise Rejected("bad_declaration", f"task {name}: {count} training samples (1 to {MAX_SAMPLES})")
     classification = {t.name for t in decl.tasks if t.kind == "classification"}
-    for task, labels in decl.labels_seen.items():
-        if task not in classification:
-            raise Rejected("bad_declaration", f"labels_seen names {task!r}, not a classification task of this silo")
+    for name, labels in decl.labels_seen.items():
+        if name not in classification:
+            raise Rejected("bad_declaration", f"labels_seen names {name!r}, not a classification task of this silo")
         if len(labels) > MAX_LABELS or any(len(label) > 200 for label in labels):
-            raise Rejected("bad_declaration", f"task {task}: at most {MAX_LABELS} labels of at most 200 characters")
+            raise Rejected("bad_declaration", f"task {name}: at most {MAX_LABELS} labels of at most 200 characters")
 
 
 def check_stats(stats: RoundStats, tasks: set[str]) -> None:

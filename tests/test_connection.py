@@ -10,7 +10,7 @@ import grpc
 import pytest
 from helpers import CLI_TIMEOUT, client_cli, finished, popen, write_silo_data
 
-from tap_client.connection import AuthFailure, Connection, Refused, load_kit, rejection
+from tap_client.connection import Connection, Refused, load_kit, rejection
 from tap_core.errors import REASON_METADATA_KEY, REASON_STATUS, Rejected
 from tap_server.provision import CertificateAuthority, _cert_pem, _key_pem
 

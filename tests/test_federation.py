@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 
@@ -161,8 +162,8 @@ def test_an_upload_is_admitted_only_in_its_round_once_from_a_selected_silo(joine
     assert set(slot.layout) <= slot.known and len(slot.known) > len(slot.layout)
     update = get_algorithm(config).local_round(rts[first], 1, federation.payload(first, 1).values)
     for silo, round_index, reason in ((first, 0, "stale_round"), (first, 2, "future_round"), (left_out, 1, "not_selected")):
-        for attempt in (lambda: federation.admit_upload(silo, round_index),
-                        lambda: federation.submit_update(dataclasses.replace(update, silo=silo, round=round_index))):
+        for attempt in (functools.partial(federation.admit_upload, silo, round_index),
+                        functools.partial(federation.submit_update, dataclasses.replace(update, silo=silo, round=round_index))):
             with pytest.raises(Rejected) as info:
                 attempt()
             assert info.value.reason == reason

@@ -57,6 +57,7 @@ class Algorithm(ABC):
 
     def make_update(self, silo: SiloRuntime, round_index: int, model: TapModel, stats: RoundStats) -> ClientUpdate:
         """The update of ``model``'s shared components (the caller sends it and records the round as done)."""
+        assert silo.plan is not None, "set_plan first"
         shared = self.shared_components(silo.plan)
         return ClientUpdate(silo.id, round_index, model.values(shared), silo.component_weights(shared), stats)
 
