@@ -41,8 +41,6 @@ from tap_server.validation import check_declaration, check_result, check_stats, 
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DONE", "FINISHING", "TRAINING", "WAITING", "Federation"]
-
 
 class Federation:
     def __init__(
