@@ -40,8 +40,8 @@ def child(clients: int, preset: str) -> None:
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     update_bytes = 0
     started = time.perf_counter()
-    for silo in list(federation.selected):
-        values = federation.payload(silo, 1)
+    for silo in federation.status().selected:
+        values = federation.payload(silo, 1).values
         noisy = {c: {n: t + 0.01 * torch.randn_like(t) for n, t in ts.items()} for c, ts in values.items()}
         update_bytes = sum(t.numel() * 4 for ts in noisy.values() for t in ts.values())
         plan = federation.silo_plan(silo)
