@@ -115,11 +115,22 @@ class ClientUpdate:
 
 @dataclass
 class TaskResult:
+    """One task's final score on the silo's test split, beside what it cost and what it must beat."""
+
     silo: str
     task: str
     kind: str
     metrics: dict[str, float]
     primary: float
+    steps: int = 0  # optimizer steps the task's final model received on this silo (stage 1 + stage 2)
+    baseline: float | None = None  # primary score of the task's trivial predictor on the same test split
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TaskResult":
+        baseline = data.get("baseline")
+        return cls(silo=str(data["silo"]), task=str(data["task"]), kind=str(data["kind"]),
+                   metrics={str(k): float(v) for k, v in data["metrics"].items()}, primary=float(data["primary"]),
+                   steps=int(data.get("steps", 0)), baseline=None if baseline is None else float(baseline))
 
 
 @dataclass
@@ -139,7 +150,7 @@ class SiloResult:
     def from_json(cls, data: dict[str, Any]) -> "SiloResult":
         return cls(
             silo=str(data["silo"]),
-            tasks=[TaskResult(**t) for t in data["tasks"]],
+            tasks=[TaskResult.from_json(t) for t in data["tasks"]],
             kd_losses={str(k): float(v) for k, v in data.get("kd_losses", {}).items()},
             stage1_metrics={str(k): {str(m): float(x) for m, x in v.items()} for k, v in data.get("stage1_metrics", {}).items()},
             seconds=float(data.get("seconds", 0.0)),

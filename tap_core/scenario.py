@@ -123,7 +123,7 @@ def check_shared_tasks(silos: tuple[SiloSpec, ...], where: str) -> None:
                 first[task.name] = (silo.id, task)
                 continue
             other_silo, other = first[task.name]
-            for attr in ("kind", "modalities", "family"):
+            for attr in ("kind", "modalities", "family", "shared_labels"):
                 if getattr(task, attr) != getattr(other, attr):
                     raise ConfigError(
                         f"{where}: silo {silo.id} task {task.name}.{attr}",

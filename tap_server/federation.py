@@ -27,7 +27,7 @@ from tap_core.errors import ConfigError, TapError
 from tap_core.messages import NOT_JOINED, ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
-from tap_core.plan import component_weights, plan_from_json, plan_to_json, silo_plan, union_plan, united_tasks
+from tap_core.plan import check_label_spaces, component_weights, plan_from_json, plan_to_json, silo_plan, union_plan, united_tasks
 from tap_core.scenario import check_shared_tasks
 from tap_core.config import SiloSpec
 from tap_core.seeding import derive_seed
@@ -145,6 +145,7 @@ class Federation:
                 others = [d for s, d in sorted(self.declarations.items()) if s != decl.silo]
                 try:  # conflicts only; completeness (e.g. two labels per task) is checked at the start
                     check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in [*others, decl]), "federation")
+                    check_label_spaces([*others, decl])
                 except ConfigError as exc:
                     raise JoinRefused("tasks_conflict", str(exc)) from exc
                 self.declarations[decl.silo] = decl

@@ -67,6 +67,7 @@ def check_update(update: ClientUpdate, expected: Manifest, owned: set[str], expe
 MAX_TASKS = 64
 MAX_LABELS = 10_000
 MAX_SAMPLES = 1_000_000_000
+MAX_STEPS = 1_000_000_000
 
 
 def _finite(value: object) -> bool:
@@ -121,6 +122,10 @@ def check_result(result: SiloResult, tasks: set[str]) -> None:
     for task in result.tasks:
         if not all(_finite(v) for v in [*task.metrics.values(), task.primary]):
             raise UpdateRejected("non_finite", f"task {task.task}: metrics must be finite numbers")
+        if task.baseline is not None and not _finite(task.baseline):
+            raise UpdateRejected("non_finite", f"task {task.task}: baseline must be a finite number")
+        if not 0 <= task.steps <= MAX_STEPS:
+            raise UpdateRejected("bad_result", f"task {task.task}: {task.steps} optimizer steps (0 to {MAX_STEPS})")
     for table in (result.kd_losses, *result.stage1_metrics.values()):
         if not all(_finite(v) for v in table.values()):
             raise UpdateRejected("non_finite", "kd_losses and stage1_metrics must be finite numbers")

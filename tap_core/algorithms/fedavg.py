@@ -18,7 +18,8 @@ class FedAvg(Algorithm):
         return self.upload(silo, round_index, model, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
-        return FinalModel(silo.fresh_copy(final_values))
+        # no stage 2 by definition: rounds x E local steps on the global copy
+        return FinalModel(silo.fresh_copy(final_values), steps=silo.stage1_steps("global"))
 
 
 class FedAvgFineTune(FedAvg):
@@ -26,4 +27,4 @@ class FedAvgFineTune(FedAvg):
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
         model, _ = self.finetuned_global(silo, final_values)
-        return FinalModel(model)
+        return FinalModel(model, steps=silo.stage1_steps("global") + self.config.train.ft_steps)
