@@ -130,6 +130,9 @@ class TrainConfig:
     threads: int = 1  # torch threads per training process: results are bitwise reproducible only at a fixed count
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Score each silo's current model on its test split after every round (learning curves for studies;
+    # reported with the round's stats, never used to decide anything). Costs one test pass per round.
+    eval_every_round: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
     source: str = ""  # file it came from, for messages
+    rounds: int = 3  # federated rounds when the command line does not say
 
     def silo(self, silo_id: str) -> SiloSpec:
         for silo in self.silos:

@@ -178,8 +178,14 @@ class SiloRuntime:
             metrics = self.trainer.evaluate(model, tensors, self.end_id, allowed=self.allowed_labels.get(name))
             kind = tensors.task.kind
             results.append(TaskResult(self.id, name, kind, metrics, metrics[PRIMARY[kind]], steps=steps,
-                                      baseline=self.baseline(name)))
+                                      baseline=self.baseline(name), test_examples=len(tensors.test)))
         return results
+
+    def round_scores(self, model: TapModel) -> dict[str, float]:
+        """Test primary score per task when ``train.eval_every_round`` is on (learning curves), else nothing."""
+        if not self.config.train.eval_every_round:
+            return {}
+        return {result.task: result.primary for result in self.evaluate(model)}
 
     def baseline(self, task_name: str) -> float:
         """The primary score of the task's trivial predictor on the test split (computed once)."""

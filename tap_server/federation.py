@@ -295,6 +295,8 @@ class Federation:
             "silo_losses": {s: dict(st.task_losses) for s, st in sorted(self.received.items())},
             "personal_losses": {s: dict(st.personal_losses) for s, st in sorted(self.received.items()) if st.personal_losses},
             "replacements": {s: [e.task for e in st.replacements] for s, st in sorted(self.received.items()) if st.replacements},
+            "scores": {s: {"round": st.scores_round, "primary": dict(st.scores)}
+                       for s, st in sorted(self.received.items()) if st.scores},
         }
         self.history.append(record)
         for silo, stats in sorted(self.received.items()):

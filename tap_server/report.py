@@ -71,7 +71,7 @@ def build_report(
 ) -> dict[str, Any]:
     tasks = [
         {"silo": t.silo, "task": t.task, "kind": t.kind, "metrics": t.metrics, "primary": t.primary,
-         "steps": t.steps, "baseline": t.baseline}
+         "steps": t.steps, "baseline": t.baseline, "test_examples": t.test_examples}
         for r in results for t in r.tasks
     ]
     per_task: dict[str, list[dict[str, Any]]] = {}

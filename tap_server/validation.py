@@ -107,6 +107,10 @@ def check_stats(stats: RoundStats, tasks: set[str]) -> None:
                 raise UpdateRejected("bad_stats", f"stats name task {task!r}, which is not one of this silo's tasks")
             if not _finite(loss):
                 raise UpdateRejected("non_finite", f"stats: loss of task {task} is {loss}")
+    if not set(stats.scores) <= tasks or not all(_finite(v) for v in stats.scores.values()):
+        raise UpdateRejected("bad_stats", "stats: scores must be finite numbers of the silo's own tasks")
+    if not 0 <= stats.scores_round <= MAX_STEPS:
+        raise UpdateRejected("bad_stats", f"stats: scores_round is {stats.scores_round}")
     for event in stats.replacements:
         if event.task not in tasks:
             raise UpdateRejected("bad_stats", f"replacement event for task {event.task!r}, not one of this silo's tasks")
@@ -124,6 +128,8 @@ def check_result(result: SiloResult, tasks: set[str]) -> None:
             raise UpdateRejected("non_finite", f"task {task.task}: metrics must be finite numbers")
         if task.baseline is not None and not _finite(task.baseline):
             raise UpdateRejected("non_finite", f"task {task.task}: baseline must be a finite number")
+        if not 0 <= task.test_examples <= MAX_SAMPLES:
+            raise UpdateRejected("bad_result", f"task {task.task}: {task.test_examples} test examples")
         if not 0 <= task.steps <= MAX_STEPS:
             raise UpdateRejected("bad_result", f"task {task.task}: {task.steps} optimizer steps (0 to {MAX_STEPS})")
     for table in (result.kd_losses, *result.stage1_metrics.values()):

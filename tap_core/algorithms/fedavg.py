@@ -13,8 +13,10 @@ class FedAvg(Algorithm):
 
     def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
         model = silo.global_model(global_values)
+        scores = silo.round_scores(model)  # the global model after round_index - 1 rounds
         result = silo.train(model, "global", round_index)
-        stats = RoundStats(task_losses=result.losses, train_seconds=result.seconds, samples_seen=result.samples)
+        stats = RoundStats(task_losses=result.losses, train_seconds=result.seconds, samples_seen=result.samples,
+                           scores=scores, scores_round=round_index - 1)
         return self.upload(silo, round_index, model, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:

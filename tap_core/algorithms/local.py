@@ -16,7 +16,8 @@ class LocalOnly(Algorithm):
         result = silo.train(silo.personal, "personal", round_index)
         silo.state.personal_losses.update(result.losses)
         stats = RoundStats(task_losses=result.losses, personal_losses=result.losses, train_seconds=result.seconds,
-                           samples_seen=result.samples)
+                           samples_seen=result.samples, scores=silo.round_scores(silo.personal),
+                           scores_round=round_index)
         return self.upload(silo, round_index, silo.personal, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:

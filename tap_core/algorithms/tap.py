@@ -39,6 +39,8 @@ class Tap(Algorithm):
             replacements=events,
             train_seconds=trained.seconds + personal.seconds,
             samples_seen=trained.samples + personal.samples,
+            scores=silo.round_scores(silo.personal),
+            scores_round=round_index,
         )
         # 4. upload the trained global copy (never the personal model)
         return self.upload(silo, round_index, global_copy, stats)
