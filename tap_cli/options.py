@@ -36,7 +36,8 @@ def training_options(func: Callable) -> Callable:
     options = [
         click.option("--scenario", default="tap-bench-mini", show_default=True, help="Built-in scenario name or YAML path."),
         click.option("--algorithm", type=click.Choice(ALGORITHMS), default="tap", show_default=True),
-        click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True),
+        click.option("--rounds", type=click.IntRange(min=1), default=None,
+                     help="Federated rounds (default: the scenario's rounds:, else 3)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--model", type=click.Choice(list(MODEL_PRESETS)), default=None,
                      help="Model preset instead of the scenario's (tiny: random, fast, for tests)."),
@@ -76,7 +77,7 @@ def config_from_options(opts: dict[str, Any]):
     federation = {"clients_per_round": opts["clients_per_round"]}
     if opts["wire_dtype"]:
         federation["wire"] = {"dtype": opts["wire_dtype"]}
-    config = compose_config(scenario, algorithm=opts["algorithm"], rounds=opts["rounds"], seed=opts["seed"],
+    config = compose_config(scenario, algorithm=opts["algorithm"], rounds=opts["rounds"] or scenario.rounds, seed=opts["seed"],
                             model=opts["model"], train=train, federation=federation)
     return scenario, config
 

@@ -54,6 +54,10 @@ class TaskSpec:
     data: Mapping[str, Any] = field(default_factory=dict)
     margin: float | None = None  # overrides the per-family default margin
     kd_weight: float | None = None  # overrides the per-family default KD weight
+    # Several silos holding this classification task share one label space even when the labels in their
+    # data do not overlap (the head serves the union). Without it (or a declared ``labels:`` list) silos
+    # whose label sets are disjoint are refused: they are most likely two different tasks under one name.
+    shared_labels: bool = False
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -126,6 +130,9 @@ class TrainConfig:
     threads: int = 1  # torch threads per training process: results are bitwise reproducible only at a fixed count
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # Score each silo's current model on its test split after every round (learning curves for studies;
+    # reported with the round's stats, never used to decide anything). Costs one test pass per round.
+    eval_every_round: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
     source: str = ""  # file it came from, for messages
+    rounds: int = 3  # federated rounds when the command line does not say
 
     def silo(self, silo_id: str) -> SiloSpec:
         for silo in self.silos:
@@ -321,6 +329,8 @@ def validate_task(task: TaskSpec, where: str) -> None:
         _check(len(task.labels) >= 2, f"{where}.labels", "a classification task needs at least 2 labels")
         _check(len(set(task.labels)) == len(task.labels), f"{where}.labels", "lists a label twice")
         _check(task.kind == "classification", f"{where}.labels", "labels only apply to classification tasks")
+    if task.shared_labels:
+        _check(task.kind == "classification", f"{where}.shared_labels", "only applies to classification tasks")
     if task.margin is not None:
         _check(task.margin >= 0, f"{where}.margin", "must be >= 0")
 

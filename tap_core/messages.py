@@ -85,6 +85,10 @@ class RoundStats:
     replacements: list[ReplacementEvent] = field(default_factory=list)
     train_seconds: float = 0.0
     samples_seen: int = 0
+    # train.eval_every_round: test primary score per task of the model the algorithm would end with if the
+    # federation stopped now (personal model; for fedavg the global model it downloaded), after ``scores_round``
+    scores: dict[str, float] = field(default_factory=dict)
+    scores_round: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -99,6 +103,8 @@ class RoundStats:
             replacements=[ReplacementEvent.from_json(e) for e in data.get("replacements", [])],
             train_seconds=float(data.get("train_seconds", 0.0)),
             samples_seen=int(data.get("samples_seen", 0)),
+            scores={str(k): float(v) for k, v in data.get("scores", {}).items()},
+            scores_round=int(data.get("scores_round", 0)),
         )
 
 
@@ -115,11 +121,24 @@ class ClientUpdate:
 
 @dataclass
 class TaskResult:
+    """One task's final score on the silo's test split, beside what it cost and what it must beat."""
+
     silo: str
     task: str
     kind: str
     metrics: dict[str, float]
     primary: float
+    steps: int = 0  # optimizer steps the task's final model received on this silo (stage 1 + stage 2)
+    baseline: float | None = None  # primary score of the task's trivial predictor on the same test split
+    test_examples: int = 0  # size of the test split the scores were measured on
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TaskResult":
+        baseline = data.get("baseline")
+        return cls(silo=str(data["silo"]), task=str(data["task"]), kind=str(data["kind"]),
+                   metrics={str(k): float(v) for k, v in data["metrics"].items()}, primary=float(data["primary"]),
+                   steps=int(data.get("steps", 0)), baseline=None if baseline is None else float(baseline),
+                   test_examples=int(data.get("test_examples", 0)))
 
 
 @dataclass
@@ -139,7 +158,7 @@ class SiloResult:
     def from_json(cls, data: dict[str, Any]) -> "SiloResult":
         return cls(
             silo=str(data["silo"]),
-            tasks=[TaskResult(**t) for t in data["tasks"]],
+            tasks=[TaskResult.from_json(t) for t in data["tasks"]],
             kd_losses={str(k): float(v) for k, v in data.get("kd_losses", {}).items()},
             stage1_metrics={str(k): {str(m): float(x) for m, x in v.items()} for k, v in data.get("stage1_metrics", {}).items()},
             seconds=float(data.get("seconds", 0.0)),

@@ -24,10 +24,52 @@ def natural_key(label: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", label) if part)
 
 
+def _shown(labels: Iterable[str], limit: int = 12) -> str:
+    ordered = sorted(labels, key=natural_key)
+    more = f", … ({len(ordered)} in all)" if len(ordered) > limit else ""
+    return "[" + ", ".join(repr(label) for label in ordered[:limit]) + more + "]"
+
+
+def check_label_spaces(declarations: Iterable[SiloDeclaration]) -> None:
+    """Silos sharing a classification task must share labels, unless they declare one label space.
+
+    Two silos whose data has disjoint label sets under one task name would be merged
+    silently into one head; they are refused unless the task declares its ``labels:``
+    list or ``shared_labels: true``. Raises ConfigError naming both silos, the task
+    and both label sets. (Checked at every join, so the silo that introduces the
+    conflict is the one refused.)
+    """
+    seen: dict[str, list[tuple[str, set[str]]]] = {}
+    explicit: set[str] = set()
+    for decl in sorted(declarations, key=lambda d: d.silo):
+        for task in decl.tasks:
+            if task.kind != "classification":
+                continue
+            if task.labels is not None or task.shared_labels:
+                explicit.add(task.name)
+            labels = set(decl.labels_seen.get(task.name, []))
+            if labels:
+                seen.setdefault(task.name, []).append((decl.silo, labels))
+    for name, holders in sorted(seen.items()):
+        if name in explicit:
+            continue
+        for i, (silo_a, labels_a) in enumerate(holders):
+            for silo_b, labels_b in holders[i + 1:]:
+                if not labels_a & labels_b:
+                    raise ConfigError(
+                        f"task {name}",
+                        f"silo {silo_a} has labels {_shown(labels_a)} and silo {silo_b} has labels {_shown(labels_b)}: "
+                        "no label in common, so one head would serve two different label sets",
+                        "if these are different tasks, rename one; if they share one label space, declare it on the "
+                        "task in every silo's config: the full list as labels: [...], or shared_labels: true",
+                    )
+
+
 def united_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, TaskSpec]:
     """Every task of the federation once, classification tasks with their full label list."""
     declarations = sorted(declarations, key=lambda d: d.silo)
     check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in declarations), "federation")
+    check_label_spaces(declarations)
     tasks: dict[str, TaskSpec] = {}
     seen: dict[str, set[str]] = {}
     for decl in declarations:

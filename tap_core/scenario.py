@@ -123,7 +123,7 @@ def check_shared_tasks(silos: tuple[SiloSpec, ...], where: str) -> None:
                 first[task.name] = (silo.id, task)
                 continue
             other_silo, other = first[task.name]
-            for attr in ("kind", "modalities", "family"):
+            for attr in ("kind", "modalities", "family", "shared_labels"):
                 if getattr(task, attr) != getattr(other, attr):
                     raise ConfigError(
                         f"{where}: silo {silo.id} task {task.name}.{attr}",
@@ -141,10 +141,13 @@ def check_shared_tasks(silos: tuple[SiloSpec, ...], where: str) -> None:
 def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
     if not isinstance(raw, Mapping):
         raise ConfigError(source, "a scenario must be a YAML mapping with name, model and silos")
-    unknown = set(raw) - {"name", "description", "model", "train", "silos"}
+    unknown = set(raw) - {"name", "description", "model", "train", "rounds", "silos"}
     if unknown:
         raise ConfigError(f"{source}: {sorted(unknown)[0]}", "unknown key",
-                          "a scenario has name, description, model, train and silos")
+                          "a scenario has name, description, model, train, rounds and silos")
+    rounds = raw.get("rounds", 3)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ConfigError(f"{source}: rounds", f"must be a whole number >= 1, got {rounds!r}")
     model = from_mapping(ModelSpec, raw.get("model") or {}, f"{source}: model")
     validate_model(model, f"{source}: model")
     train = from_mapping(TrainConfig, raw.get("train") or {}, f"{source}: train")
@@ -164,6 +167,7 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
         model=model,
         train=train,
         source=source,
+        rounds=rounds,
     )
 
 

@@ -17,16 +17,20 @@ import torch
 
 from tap_core.config import FederationConfig, SiloSpec
 from tap_core.data.types import TaskData
+from tap_core.labels import own_label_index
 from tap_core.messages import ReplacementEvent, SiloDeclaration, TaskResult
 from tap_core.model.backbone import backbone_on
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
 from tap_core.plan import component_weights
 from tap_core.seeding import derive_seed
+from tap_core.training.baselines import trivial_score
 from tap_core.training.batches import TaskTensors, load_tokenizer, to_tensors
 from tap_core.training.metrics import PRIMARY
 from tap_core.training.trainer import Distillation, LrSchedule, PhaseResult, Trainer, warmup_schedule
 
 log = logging.getLogger(__name__)
+
+STAGE1_PHASES = ("global", "personal")  # training phases of the federated rounds (counted in SiloState.steps)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class SiloState:
     replacements: dict[str, int] = field(default_factory=dict)
     events: list[ReplacementEvent] = field(default_factory=list)
     rounds_done: list[int] = field(default_factory=list)
+    steps: dict[str, int] = field(default_factory=dict)  # stage-1 optimizer steps per model: "global", "personal"
 
     def personal_loss(self, task: str) -> float:
         return self.personal_losses.get(task, math.inf)
@@ -53,6 +58,7 @@ class SiloState:
             replacements={k: int(v) for k, v in data.get("replacements", {}).items()},
             events=[ReplacementEvent.from_json(e) for e in data.get("events", [])],
             rounds_done=[int(r) for r in data.get("rounds_done", [])],
+            steps={k: int(v) for k, v in data.get("steps", {}).items()},
         )
 
 
@@ -72,6 +78,8 @@ class SiloRuntime:
         self.state = SiloState()
         self.plan: ModelPlan | None = None
         self.tensors: dict[str, TaskTensors] = {}
+        self.allowed_labels: dict[str, torch.Tensor] = {}  # classification task -> head indices of its own labels
+        self._baselines: dict[str, float] = {}
         self._global: TapModel | None = None
         self._personal: TapModel | None = None
         self.end_id = load_tokenizer(config.model.tokenizer).sep_token_id
@@ -101,7 +109,15 @@ class SiloRuntime:
             task.name: to_tensors(task, self.data[task.name], self.config.model, f"silo {self.id} task {task.name}")
             for task in plan.tasks
         }
+        self.allowed_labels = {task.name: own_label_index(task.labels, self.own_labels(task.name))
+                               for task in plan.tasks if task.kind == "classification" and task.labels}
+        self._baselines = {}
         self._global = self._personal = None
+
+    def own_labels(self, task_name: str) -> list[str]:
+        """The labels this silo's task can take: its declared ``labels:`` list, else those in its data."""
+        spec = next(t for t in self.silo.tasks if t.name == task_name)
+        return list(spec.labels) if spec.labels else self.data[task_name].label_set
 
     # -- models ---------------------------------------------------------------
 
@@ -142,6 +158,8 @@ class SiloRuntime:
         steps = self.config.train.local_steps if steps is None else steps
         seed = derive_seed(self.config.seed, "train", self.id, round_index, phase, salt)
         result = self.trainer.train(model, self.tensors, steps, seed, schedule or self.schedule(round_index), distill)
+        if phase in STAGE1_PHASES:
+            self.state.steps[phase] = self.state.steps.get(phase, 0) + steps
         when = f"round {round_index}" if round_index <= self.config.rounds else "stage 2"
         log.info("silo %s %s %s: %d steps in %.1fs, loss %s", self.id, when, phase, steps, result.seconds,
                  {k: round(v, 4) for k, v in result.losses.items()})
@@ -152,13 +170,32 @@ class SiloRuntime:
         return {name: self.trainer.eval_loss(model, tensors, "val") if len(tensors.val) else fallback[name]
                 for name, tensors in self.tensors.items()}
 
-    def evaluate(self, model: TapModel) -> list[TaskResult]:
+    def evaluate(self, model: TapModel, steps: int = 0) -> list[TaskResult]:
+        """Every task's test metrics (classification among the silo's own labels), its trivial baseline,
+        and ``steps``: the optimizer steps the evaluated model received (reported beside the score)."""
         results = []
         for name, tensors in self.tensors.items():
-            metrics = self.trainer.evaluate(model, tensors, self.end_id)
+            metrics = self.trainer.evaluate(model, tensors, self.end_id, allowed=self.allowed_labels.get(name))
             kind = tensors.task.kind
-            results.append(TaskResult(self.id, name, kind, metrics, metrics[PRIMARY[kind]]))
+            results.append(TaskResult(self.id, name, kind, metrics, metrics[PRIMARY[kind]], steps=steps,
+                                      baseline=self.baseline(name), test_examples=len(tensors.test)))
         return results
+
+    def round_scores(self, model: TapModel) -> dict[str, float]:
+        """Test primary score per task when ``train.eval_every_round`` is on (learning curves), else nothing."""
+        if not self.config.train.eval_every_round:
+            return {}
+        return {result.task: result.primary for result in self.evaluate(model)}
+
+    def baseline(self, task_name: str) -> float:
+        """The primary score of the task's trivial predictor on the test split (computed once)."""
+        if task_name not in self._baselines:
+            self._baselines[task_name] = trivial_score(self.tensors[task_name], self.end_id)
+        return self._baselines[task_name]
+
+    def stage1_steps(self, model_role: str) -> int:
+        """Optimizer steps the ``"global"`` copy or the ``"personal"`` model took in the rounds so far."""
+        return self.state.steps.get(model_role, 0)
 
     def component_weights(self, components: list[str]) -> dict[str, float]:
         """Per component: the training samples of this silo's tasks that use it (aggregation weight)."""

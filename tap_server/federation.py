@@ -28,7 +28,7 @@ from tap_core.layout import Layout, layout_bytes, select
 from tap_core.messages import NOT_JOINED, ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
-from tap_core.plan import component_weights, silo_plan, union_plan, united_tasks
+from tap_core.plan import check_label_spaces, component_weights, silo_plan, union_plan, united_tasks
 from tap_core.scenario import check_shared_tasks
 from tap_core.seeding import derive_seed
 from tap_core.store import CheckpointStore, atomic_write_json
@@ -102,6 +102,7 @@ class Federation:
                 others = [d for silo, d in sorted(s.declarations.items()) if silo != decl.silo]
                 try:  # conflicts only; completeness (e.g. two labels per task) is checked at the start
                     check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in [*others, decl]), "federation")
+                    check_label_spaces([*others, decl])
                 except ConfigError as exc:
                     raise Rejected("tasks_conflict", str(exc)) from exc
                 s.declarations[decl.silo] = decl

@@ -21,6 +21,13 @@ def mean_over_silos(results: list[SiloResult]) -> float | None:
     return mean(per_silo) if per_silo else None
 
 
+def _task_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean primary score of one task over the silos that hold it, beside its mean trivial baseline."""
+    baselines = [r["baseline"] for r in rows if r["baseline"] is not None]
+    return {"mean_primary": mean(r["primary"] for r in rows), "silos": len(rows),
+            "mean_baseline": mean(baselines) if baselines else None}
+
+
 def transport_summary(transport: list[dict[str, Any]], trainable_bytes: dict[str, int]) -> dict[str, Any]:
     """Wire bytes per client-round (both directions) against 2x the trainable bytes of its components."""
     if not transport:
@@ -63,12 +70,13 @@ def build_report(
     timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     tasks = [
-        {"silo": t.silo, "task": t.task, "kind": t.kind, "metrics": t.metrics, "primary": t.primary}
+        {"silo": t.silo, "task": t.task, "kind": t.kind, "metrics": t.metrics, "primary": t.primary,
+         "steps": t.steps, "baseline": t.baseline, "test_examples": t.test_examples}
         for r in results for t in r.tasks
     ]
-    per_task: dict[str, list[float]] = {}
+    per_task: dict[str, list[dict[str, Any]]] = {}
     for t in tasks:
-        per_task.setdefault(t["task"], []).append(t["primary"])
+        per_task.setdefault(t["task"], []).append(t)
     report = {
         "version": REPORT_VERSION,
         "algorithm": config.algorithm,
@@ -79,7 +87,7 @@ def build_report(
         "replacements": {s: dict(sorted(c.items())) for s, c in sorted(replacements.items())},
         "wire": {"bytes_down": int(wire["bytes_down"]), "bytes_up": int(wire["bytes_up"]), "dtype": config.wire.dtype},
         "mean_primary": mean_over_silos(results),
-        "per_task": {name: {"mean_primary": mean(v), "silos": len(v)} for name, v in sorted(per_task.items())},
+        "per_task": {name: _task_summary(rows) for name, rows in sorted(per_task.items())},
         "kd_losses": {r.silo: r.kd_losses for r in results if r.kd_losses},
         "stage1_metrics": {r.silo: r.stage1_metrics for r in results if r.stage1_metrics},
         "history": history,

@@ -70,6 +70,7 @@ class RoundLog(JsonRecord):
             "silo_losses": {s: dict(st.task_losses) for s, st in ordered},
             "personal_losses": {s: dict(st.personal_losses) for s, st in ordered if st.personal_losses},
             "replacements": {s: [e.task for e in st.replacements] for s, st in ordered if st.replacements},
+            "scores": {s: {"round": st.scores_round, "primary": dict(st.scores)} for s, st in ordered if st.scores},
         }
         self.history.append(record)
         for silo, tasks in record["replacements"].items():

@@ -62,6 +62,7 @@ def check_update(update: ClientUpdate, expected: Layout, owned: set[str], expect
 MAX_TASKS = 64
 MAX_LABELS = 10_000
 MAX_SAMPLES = 1_000_000_000
+MAX_STEPS = 1_000_000_000
 
 
 def _finite(value: object) -> bool:
@@ -101,6 +102,10 @@ def check_stats(stats: RoundStats, tasks: set[str]) -> None:
                 raise Rejected("bad_stats", f"stats name task {task!r}, which is not one of this silo's tasks")
             if not _finite(loss):
                 raise Rejected("non_finite", f"stats: loss of task {task} is {loss}")
+    if not set(stats.scores) <= tasks or not all(_finite(v) for v in stats.scores.values()):
+        raise Rejected("bad_stats", "stats: scores must be finite numbers of the silo's own tasks")
+    if not 0 <= stats.scores_round <= MAX_STEPS:
+        raise Rejected("bad_stats", f"stats: scores_round is {stats.scores_round}")
     for event in stats.replacements:
         if event.task not in tasks:
             raise Rejected("bad_stats", f"replacement event for task {event.task!r}, not one of this silo's tasks")
@@ -116,6 +121,12 @@ def check_result(result: SiloResult, tasks: set[str]) -> None:
     for task in result.tasks:
         if not all(_finite(v) for v in [*task.metrics.values(), task.primary]):
             raise Rejected("non_finite", f"task {task.task}: metrics must be finite numbers")
+        if task.baseline is not None and not _finite(task.baseline):
+            raise Rejected("non_finite", f"task {task.task}: baseline must be a finite number")
+        if not 0 <= task.test_examples <= MAX_SAMPLES:
+            raise Rejected("bad_result", f"task {task.task}: {task.test_examples} test examples")
+        if not 0 <= task.steps <= MAX_STEPS:
+            raise Rejected("bad_result", f"task {task.task}: {task.steps} optimizer steps (0 to {MAX_STEPS})")
     for table in (result.kd_losses, *result.stage1_metrics.values()):
         if not all(_finite(v) for v in table.values()):
             raise Rejected("non_finite", "kd_losses and stage1_metrics must be finite numbers")

@@ -99,12 +99,13 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def make_runtimes():
-    """``make_runtimes(config, silos=None)``: the synthetic silos (or ``silos``) as in-process runtimes."""
+    """``make_runtimes(config, silos=None, data=None)``: the synthetic silos (or ``silos`` with ``data``) as
+    in-process runtimes."""
     from tap_core.silo import SiloRuntime
 
-    def make(config: FederationConfig, silos: list[SiloSpec] | None = None) -> dict:
+    def make(config: FederationConfig, silos: list[SiloSpec] | None = None, data: dict | None = None) -> dict:
         silos = silos or synthetic_silos()
-        data = synthetic_data(silos)
+        data = data or synthetic_data(silos)
         return {s.id: SiloRuntime(s, data[s.id], config, torch.device("cpu")) for s in silos}
 
     return make

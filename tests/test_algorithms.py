@@ -154,14 +154,6 @@ def test_the_same_seed_gives_the_same_report_and_another_seed_does_not(make_runt
     assert without_timing(run_federation(make_runtimes(other), other))["tasks"] != first["tasks"]
 
 
-def test_tap_stage_one_is_tap_nokd_and_distillation_changes_the_model(make_runtimes):
-    tap = run_federation(make_runtimes(tiny_config("tap")), tiny_config("tap"))
-    nokd = run_federation(make_runtimes(tiny_config("tap-nokd")), tiny_config("tap-nokd"))
-    for task in nokd["tasks"]:
-        assert tap["stage1_metrics"][task["silo"]][task["task"]] == task["metrics"]
-    assert tap["kd_losses"] and not nokd["kd_losses"]
-
-
 def test_clients_per_round_selects_a_deterministic_subset(make_runtimes):
     config = dataclasses.replace(tiny_config("fedavg", rounds=3), clients_per_round=2)
     report = run_federation(make_runtimes(config), config)

@@ -174,7 +174,8 @@ def test_an_upload_is_admitted_only_in_its_round_once_from_a_selected_silo(joine
 
 
 def test_a_silo_never_selected_starts_stage_two_from_the_final_global_model(make_runtimes):
-    """tap-nokd's final model of an unselected silo is the final global model, so it scores like fedavg."""
+    """An unselected silo's personal model starts stage 2 as the final global model: before stage 2 it scores
+    exactly like fedavg's final model, and stage 2 is all the training it gets."""
     reports = {}
     for name in ("tap-nokd", "fedavg"):
         config = dataclasses.replace(tiny_config(name, rounds=1), clients_per_round=1)
@@ -184,5 +185,7 @@ def test_a_silo_never_selected_starts_stage_two_from_the_final_global_model(make
     unselected = [t for t in reports["tap-nokd"]["tasks"] if t["silo"] not in selected]
     assert unselected
     fedavg = {(t["silo"], t["task"]): t["metrics"] for t in reports["fedavg"]["tasks"]}
+    before_stage2 = reports["tap-nokd"]["stage1_metrics"]
     for task in unselected:
-        assert task["metrics"] == fedavg[(task["silo"], task["task"])]
+        assert before_stage2[task["silo"]][task["task"]] == fedavg[(task["silo"], task["task"])]
+        assert task["steps"] == config.train.kd_steps

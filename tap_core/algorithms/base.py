@@ -15,12 +15,15 @@ from tap_core.config import FederationConfig
 from tap_core.messages import ClientUpdate, RoundStats, SiloResult
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
 from tap_core.silo import SiloRuntime
-from tap_core.training.trainer import LrSchedule, PhaseResult, constant_schedule
+from tap_core.training.trainer import Distillation, LrSchedule, PhaseResult, constant_schedule
 
 
 @dataclass
 class FinalModel:
+    """The model a silo ends with, and the optimizer steps it received on the silo (stage 1 + stage 2)."""
+
     model: TapModel
+    steps: int
     kd_losses: dict[str, float] = field(default_factory=dict)
     stage1_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -49,8 +52,8 @@ class Algorithm(ABC):
     def finish(self, silo: SiloRuntime, final_values: ComponentValues) -> tuple[SiloResult, TapModel]:
         """Stage 2 and evaluation: the silo's numbers (for the server) and its final model (kept locally)."""
         final = self.final_model(silo, final_values)
-        result = SiloResult(silo=silo.id, tasks=silo.evaluate(final.model), kd_losses=final.kd_losses,
-                            stage1_metrics=final.stage1_metrics)
+        result = SiloResult(silo=silo.id, tasks=silo.evaluate(final.model, steps=final.steps),
+                            kd_losses=final.kd_losses, stage1_metrics=final.stage1_metrics)
         return result, final.model
 
     # helpers shared by the implementations
@@ -64,9 +67,14 @@ class Algorithm(ABC):
     def finetuned_global(self, silo: SiloRuntime, final_values: ComponentValues) -> tuple[TapModel, PhaseResult]:
         """The final global model fine-tuned locally for ``ft_steps`` (fedavg-ft's model, TAP's teacher)."""
         model = silo.fresh_copy(final_values)
-        result = silo.train(model, "finetune", self.config.rounds + 1, steps=self.config.train.ft_steps,
-                            schedule=stage2_schedule(self.config))
+        result = self.finetune(silo, model, self.config.train.ft_steps)
         return model, result
+
+    def finetune(self, silo: SiloRuntime, model: TapModel, steps: int, phase: str = "finetune",
+                 distill: Distillation | None = None) -> PhaseResult:
+        """Stage 2 training of ``model`` on the task loss (plus the KD term when ``distill`` is given)."""
+        return silo.train(model, phase, self.config.rounds + 1, steps=steps, schedule=stage2_schedule(self.config),
+                          distill=distill)
 
 
 def stage2_schedule(config: FederationConfig) -> LrSchedule:

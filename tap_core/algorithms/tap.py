@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
-from tap_core.algorithms.base import Algorithm, FinalModel, stage2_schedule
+from tap_core.algorithms.base import Algorithm, FinalModel
 from tap_core.config import kd_weight_for, margin_for
 from tap_core.messages import ClientUpdate, ReplacementEvent, RoundStats
 from tap_core.model.tap_model import ComponentValues, TapModel
@@ -39,6 +39,8 @@ class Tap(Algorithm):
             replacements=events,
             train_seconds=trained.seconds + personal.seconds,
             samples_seen=trained.samples + personal.samples,
+            scores=silo.round_scores(silo.personal),
+            scores_round=round_index,
         )
         # 4. upload the trained global copy (never the personal model)
         return self.make_update(silo, round_index, global_copy, stats)
@@ -76,19 +78,25 @@ class Tap(Algorithm):
                      silo.id, ", ".join(tasks))
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
+        """Stage 2: the personal model trained ``kd_steps`` more, distilling the fine-tuned global model."""
         self.adopt_uncompared(silo, final_values)
         student = silo.personal
-        if not self.distil:
-            return FinalModel(student)
         stage1 = {r.task: r.metrics for r in silo.evaluate(student)}
-        teacher, _ = self.finetuned_global(silo, final_values)
+        distill = self.teacher(silo, final_values) if self.distil else None
+        steps = self.config.train.kd_steps
+        result = self.finetune(silo, student, steps, phase="stage2", distill=distill)
+        return FinalModel(student, steps=silo.stage1_steps("personal") + steps, kd_losses=result.kd_losses,
+                          stage1_metrics=stage1)
+
+    def teacher(self, silo: SiloRuntime, final_values: ComponentValues) -> Distillation:
+        """The final global model fine-tuned locally for ``ft_steps``, with the KD weight of every task."""
+        model, _ = self.finetuned_global(silo, final_values)
         weights = {task.name: kd_weight_for(task, self.config.train) for task in silo.plan.tasks}
-        distill = Distillation(teacher, weights, self.config.train.kd_temperature)
-        result = silo.train(student, "distill", self.config.rounds + 1, steps=self.config.train.kd_steps,
-                            schedule=stage2_schedule(self.config), distill=distill)
-        return FinalModel(student, kd_losses=result.kd_losses, stage1_metrics=stage1)
+        return Distillation(model, weights, self.config.train.kd_temperature)
 
 
 class TapNoKD(Tap):
+    """The paper's no-distillation ablation: stage 2 spends the same ``kd_steps`` on the task loss alone."""
+
     name = "tap-nokd"
     distil = False

@@ -22,12 +22,21 @@ class ClassificationHead(nn.Module):
         return self.out(F.gelu(self.hidden(self.norm(z))))
 
 
+# AdamW moves every parameter by about the learning rate per step, whatever its gradient's scale; the canvas
+# is a logit per pixel that must travel several units (grey -> white background), so it is stored divided by
+# this gain: in effect a learning rate CANVAS_GAIN times higher for the canvas alone.
+CANVAS_GAIN = 32.0
+
+
 class ImageDecoderHead(nn.Module):
     """Pooled features -> an image (B, 3, S, S) in [0, 1].
 
     A linear map to a small seed grid (at most 8x8), then 2x transposed
-    convolutions, halving the channels each time. Its size grows with log(S),
-    not S^2: a 224x224 decoder from width 768 has ~5M parameters, not ~80M.
+    convolutions, halving the channels each time, added to a learned per-pixel
+    *canvas* before the sigmoid. Its size grows with log(S), not S^2 (the canvas
+    is 3 x S x S): a 224x224 decoder from width 768 has ~5M parameters, not ~80M.
+    The canvas learns the typical image in a few steps (every pixel gets its own
+    gradient), so the convolutions spend their steps on what differs per image.
     """
 
     def __init__(self, width: int, image_size: int):
@@ -47,10 +56,11 @@ class ImageDecoderHead(nn.Module):
                 layers.append(nn.GELU())
             channels = out
         self.up = nn.Sequential(*layers)
+        self.canvas = nn.Parameter(torch.zeros(3, image_size, image_size))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.seed(z).view(-1, self.channels, self.seed_size, self.seed_size)
-        return torch.sigmoid(self.up(F.gelu(x)))
+        return torch.sigmoid(self.up(F.gelu(x)) + CANVAS_GAIN * self.canvas)
 
 
 class TextDecoderHead(nn.Module):

@@ -53,8 +53,10 @@ class TextGenerationMetrics:
         self.tokens = 0
 
     def update(self, output: torch.Tensor, batch: Batch) -> None:
-        predicted = output.argmax(-1)
-        targets = batch.target_ids
+        self.update_ids(output.argmax(-1), batch.target_ids)
+
+    def update_ids(self, predicted: torch.Tensor, targets: torch.Tensor) -> None:
+        """Score predicted token ids (B, T) against target ids (B, T)."""
         valid = targets != PAD_ID
         self.tokens_correct += int(((predicted == targets) & valid).sum())
         self.tokens += int(valid.sum())
