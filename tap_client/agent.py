@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from tap_core.algorithms import get_algorithm
-from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, to_mapping, validate_federation
+from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, validate_federation
 from tap_core.errors import TapError, WireError
 from tap_core.messages import NOT_JOINED, ClientUpdate
 from tap_core.model.tap_model import ComponentValues
@@ -34,6 +34,7 @@ from tap_core.silo import SiloRuntime
 from tap_core.training.trainer import select_device
 from tap_core.wire import Layout, StreamDecoder, StreamInfo, encode_stream, layout_from_proto
 from tap_client.connection import Connection, Refused, load_kit
+from tap_client.export import final_model_metadata
 from tap_client.metrics import ClientMetrics
 from tap_client.store import ClientStore
 
@@ -202,10 +203,7 @@ class Agent:
             values = self.download(round_index, layout)
             with Heartbeats(self.connection, self.heartbeat_s, "stage 2", round_index):
                 result, model = self.algorithm.finish(self.runtime, values)
-            meta = {"silo": self.silo_id, "algorithm": self.config.algorithm, "federation": self.config.name,
-                    "plan": json.loads(json.dumps(to_mapping(self.runtime.plan.tasks))),
-                    "fingerprint": self.runtime.backbone.fingerprint}
-            self.store.save_results(result, model.values(), meta)
+            self.store.save_results(result, model.values(), final_model_metadata(self.runtime, self.config))
             if self.metrics:
                 self.metrics.record_result(result)
         payload = json.dumps(result.to_json())
