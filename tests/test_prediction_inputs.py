@@ -102,6 +102,13 @@ def test_a_labelled_image_folder_still_reads_labels_and_ignores_loose_files(tmp_
     assert len(data.train) + len(data.val) + len(data.test) == 6
 
 
+def test_a_saved_hugging_face_dataset_is_recognised_and_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"sentence": ["first", "second"], "label": [0, 1]}).save_to_disk(str(tmp_path / "ds"))
+    assert guess_format(tmp_path / "ds") == "hf_disk"
+    assert read_inputs(tmp_path / "ds", TEXT, {"texts": "sentence"}).texts == ["first", "second"]
+
+
 def test_format_from_the_name(tmp_path):
     assert guess_format(Path("a.csv.gz")) == "csv" and guess_format(Path("a.TSV")) == "csv"
     assert guess_format(Path("x.jsonl")) == "jsonl" and guess_format(Path("x.npz")) == "npz"
@@ -112,7 +119,8 @@ def test_format_from_the_name(tmp_path):
 
 
 def test_trained_columns_come_from_any_spelling():
-    assert trained_columns(TaskSpec("t", "classification", ("text",), data={"text_column": "note"})) == {"texts": "note"}
+    note = TaskSpec("t", "classification", ("text",), data={"text_column": "note"})
+    assert trained_columns(note) == {"texts": "note"}
     task = TaskSpec("t", "text_generation", ("image", "text"), data={"prompt_key": "q", "image_key": "img"})
     assert trained_columns(task) == {"texts": "q", "images": "img"}
     assert trained_columns(TaskSpec("t", "classification", ("text",), data={"format": "trec"})) == {}

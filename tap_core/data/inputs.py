@@ -93,6 +93,7 @@ class _InputBlock(DataBlock):
 
 
 def _as_options(text: str) -> str:
+    text = text.replace("the file's folder or images_path", "the input file's folder")  # no such option here
     text = re.sub(r"\bset (\w+): to\b", lambda m: f"pass {_KEY_OPTION.get(m.group(1), m.group(1))}", text)
     return re.sub(r"\b(\w+_(?:column|key))\b", lambda m: _KEY_OPTION.get(m.group(1), m.group(1)), text)
 
