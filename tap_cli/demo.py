@@ -29,7 +29,10 @@ from tap_core.config import FederationConfig, Scenario, to_mapping
 from tap_core.errors import TapError
 from tap_cli.options import config_from_options, friendly_errors, training_options, write_outputs
 
-GENERATED = ("kits", "state", "clients", "logs", "silos")
+GENERATED = ("kits", "state", "clients", "logs", "silos", "samples", "models", "predictions")
+# new records for the predict command in RERUN.md (text tasks); made up, not from any dataset
+SAMPLE_TEXTS = ("A warm, funny and beautifully acted film.", "Two hours of my life I will never get back.",
+                "The plot is thin, but the performances carry it.")
 MARKER = ".tap-demo"
 
 
@@ -109,6 +112,15 @@ class DemoLayout:
     def client_state(self, silo: str) -> Path:
         return self.root / "clients" / silo
 
+    def exported_model(self, silo: str) -> Path:
+        return self.root / "models" / silo
+
+    def sample_input(self, task: str) -> Path:
+        return self.root / "samples" / f"{task}.jsonl"
+
+    def predictions(self, silo: str, task: str) -> Path:
+        return self.root / "predictions" / f"{silo}-{task}.jsonl"
+
 
 @dataclass
 class Processes:
@@ -140,7 +152,7 @@ def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationCo
     for name in GENERATED:  # only the demo's own output, in a folder the demo made
         shutil.rmtree(layout.root / name, ignore_errors=True)
     layout.root.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by tap demo; its next run replaces kits/ state/ clients/ logs/ silos/ here\n")
+    marker.write_text(f"made by tap demo; its next run replaces {' '.join(n + '/' for n in GENERATED)} here\n")
     provision(layout.kits, [s.id for s in scenario.silos], ["127.0.0.1", "localhost"])
     federation = to_mapping(config)
     federation["expected_silos"] = len(scenario.silos)
@@ -171,13 +183,45 @@ def client_command(layout: DemoLayout, silo: str, port: int) -> list[str]:
             "--state", str(layout.client_state(silo))]
 
 
-def write_rerun_notes(layout: DemoLayout, port: int, health: int, metrics: int, silos: list[str]) -> None:
+def export_command(layout: DemoLayout, silo: str) -> list[str]:
+    return [sys.executable, "-m", "tap_client.cli", "export", "--state", str(layout.client_state(silo)),
+            "--out", str(layout.exported_model(silo))]
+
+
+def predict_command(layout: DemoLayout, silo: str, task: str, input_path: Path) -> list[str]:
+    return [sys.executable, "-m", "tap_client.cli", "predict", "--model", str(layout.exported_model(silo)),
+            "--task", task, "--input", str(input_path), "--output", str(layout.predictions(silo, task))]
+
+
+def prediction_notes(layout: DemoLayout, scenario: Scenario) -> list[str]:
+    """RERUN.md's "after the federation" lines for one silo; a text task gets a small input file to try."""
+    from tap_core.data.inputs import trained_columns
+
+    text_task = next(((s.id, t) for s in scenario.silos for t in s.tasks if t.modalities == ("text",)), None)
+    if text_task is not None:
+        silo, task = text_task
+        input_path = layout.sample_input(task.name)
+        input_path.parent.mkdir(parents=True, exist_ok=True)
+        column = trained_columns(task).get("texts", "text")
+        input_path.write_text("".join(json.dumps({column: text}) + "\n" for text in SAMPLE_TEXTS))
+    else:
+        silo, task = scenario.silos[0].id, scenario.silos[0].tasks[0]
+        input_path = Path("YOUR_INPUT.csv")
+    title = "After the federation: export a silo's model and predict new records with it (README.md):"
+    return [title, "",
+            "    " + " ".join(export_command(layout, silo)),
+            "    " + " ".join(predict_command(layout, silo, task.name, input_path)), ""]
+
+
+def write_rerun_notes(layout: DemoLayout, port: int, health: int, metrics: int, silos: list[str],
+                      after: list[str] | None = None) -> None:
     lines = ["# Rerun any piece of this demo by hand", "", "Server:", "",
              "    " + " ".join(server_command(layout, port, health, metrics)).replace(" --exit-when-done", ""), "",
              "One agent per silo:", ""]
     lines += ["    " + " ".join(client_command(layout, silo, port)) for silo in silos]
     lines += ["", f"Metrics: http://127.0.0.1:{metrics}/metrics   Logs: {layout.logs}/",
               f"Report: {layout.state / 'report.json'}   Status: tap-server status --state {layout.state}", ""]
+    lines += after or []
     (layout.root / "RERUN.md").write_text("\n".join(lines))
 
 
@@ -220,7 +264,8 @@ def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device
     prepare_workdir(layout, scenario, config, device)
     layout.logs.mkdir(parents=True, exist_ok=True)
     port, health, metrics = free_port(), free_port(), free_port()
-    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos])
+    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos],
+                      prediction_notes(layout, scenario))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes = Processes()
     try:

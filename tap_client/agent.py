@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from tap_core.algorithms import get_algorithm
-from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, to_mapping, validate_federation
+from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, validate_federation
 from tap_core.errors import MOVED_ON, WireError
 from tap_core.layout import Layout
 from tap_core.messages import NOT_JOINED, ClientUpdate
@@ -35,6 +35,7 @@ from tap_core.training.trainer import select_device
 from tap_core.version import VERSION
 from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, layout_from_proto
 from tap_client.connection import Connection, Refused, load_kit
+from tap_client.export import final_model_metadata
 from tap_client.metrics import ClientMetrics
 from tap_client.store import ClientStore
 
@@ -216,12 +217,7 @@ class Agent:
             values = self.download(round_index, layout)
             with Heartbeats(self.connection, self.heartbeat_s, "stage 2", round_index):
                 result, model = self.algorithm.finish(self.silo_runtime, values)
-            config, plan = self.federation_config, self.silo_runtime.plan
-            assert plan is not None
-            meta = {"silo": self.silo_id, "algorithm": config.algorithm, "federation": config.name,
-                    "plan": json.loads(json.dumps(to_mapping(plan.tasks))),
-                    "fingerprint": self.silo_runtime.backbone.fingerprint}
-            self.store.save_results(result, model.values(), meta)
+            self.store.save_results(result, model.values(), final_model_metadata(self.silo_runtime, self.federation_config))
             if self.metrics:
                 self.metrics.record_result(result)
         payload = json.dumps(result.to_json())

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -60,6 +62,78 @@ def run(kit: Path, server: str, config_path: Path, device: str | None, state_dir
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     sys.exit(code)
+
+
+@contextlib.contextmanager
+def _exit_on_tap_error() -> Iterator[None]:
+    try:
+        yield
+    except TapError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--state", "state_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The agent's state directory (tap-client run --state) after the federation ended.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Directory to write the model to (new or empty; an earlier export there is replaced).")
+def export(state_dir: Path, out_dir: Path) -> None:
+    """Write this silo's final model as a self-contained directory for predict and load_model."""
+    configure_logging("warning")
+    from tap_client.agent import VERSION
+    from tap_client.export import export_model
+
+    with _exit_on_tap_error():
+        card = export_model(state_dir, out_dir, VERSION)
+    click.echo(card.describe())
+    for task in card.tasks.values():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(task.metrics.items()))
+        click.echo(f"  {task.name}: test {shown}")
+    click.echo(f"exported to {out_dir}; use it with: tap-client predict --model {out_dir} --task "
+               f"{next(iter(card.tasks))} --input FILE --output predictions.jsonl")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="A directory written by tap-client export.")
+@click.option("--task", required=True, help="Which of the model's tasks to predict.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True,
+              help="csv / tsv, jsonl, npz, an image folder or a saved Hugging Face dataset (no labels needed).")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="JSON lines: one object per input row with \"prediction\" (and \"probabilities\").")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "npz", "imagefolder", "hf_disk"]), default=None,
+              help="Input format (default: from the file name; a folder is an image folder).")
+@click.option("--text-column", default=None, help="Column / key / array of the input text (default: as trained).")
+@click.option("--image-column", default=None,
+              help="Column / key / array of the images or image paths (default: as trained).")
+@click.option("--images-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Image generation: folder for the PNGs (default: OUTPUT's name + '-images').")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Rows per batch (default: the federation's evaluation batch size).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: the federation's; the same count reproduces its numbers bit for bit).")
+@click.option("--backbone-path", default=None, help="Local directory of the pretrained backbone, if it moved.")
+@click.option("--text-encoder-path", default=None, help="Local directory of the pretrained text encoder, if it moved.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def predict(model_dir: Path, task: str, input_path: Path, output: Path, fmt: str | None, text_column: str | None,
+            image_column: str | None, images_dir: Path | None, batch_size: int | None, device: str,
+            threads: int | None, backbone_path: str | None, text_encoder_path: str | None, progress: bool) -> None:
+    """Predict every row of INPUT with an exported model; write one JSON object per row to OUTPUT."""
+    configure_logging("warning")
+    from tap_client.predict import PredictOptions, predict_file
+    from tap_core.model_card import read_card
+    from tap_core.runtime import configure_threads
+
+    with _exit_on_tap_error():
+        configure_threads(threads or read_card(model_dir).threads)
+        options = PredictOptions(model=model_dir, task=task, input=input_path, output=output, format=fmt,
+                                 columns={"texts": text_column, "images": image_column}, images_dir=images_dir,
+                                 batch_size=batch_size, device=device, backbone_path=backbone_path,
+                                 text_encoder_path=text_encoder_path, progress=progress)
+        rows = predict_file(options)
+    click.echo(f"{rows} predictions written to {output}")
 
 
 if __name__ == "__main__":

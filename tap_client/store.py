@@ -19,11 +19,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from tap_core.errors import TapError
 from tap_core.messages import ClientUpdate, RoundStats, SiloResult
 from tap_core.model.tap_model import ComponentValues
 from tap_core.silo import SiloState
-from tap_core.store import CheckpointStore, atomic_save_tensors, atomic_write_json
+from tap_core.store import CheckpointStore, atomic_save_tensors, atomic_write_json, load_tensors
+
+FINAL_MODEL = "final_model.safetensors"
 
 
 class ClientStore:
@@ -78,7 +82,7 @@ class ClientStore:
     # stage 2
 
     def save_results(self, result: SiloResult, final_values: ComponentValues, metadata: dict[str, Any]) -> None:
-        atomic_save_tensors(self.directory / "final_model.safetensors", final_values,
+        atomic_save_tensors(self.directory / FINAL_MODEL, final_values,
                             metadata={"tap": json.dumps(metadata, sort_keys=True)})
         atomic_write_json(self.directory / "results.json", result.to_json())
 
@@ -87,3 +91,21 @@ class ClientStore:
         if not path.is_file():
             return None
         return SiloResult.from_json(json.loads(path.read_text()))
+
+    def load_final_model(self) -> tuple[ComponentValues, dict[str, Any]] | None:
+        """The final model's values and its metadata (what ``save_results`` wrote), or None before the end."""
+        path = self.directory / FINAL_MODEL
+        if not path.is_file():
+            return None
+        values = load_tensors(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = json.loads((handle.metadata() or {}).get("tap", "{}"))
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+            raise TapError(f"cannot read the metadata of {path}: {exc}") from exc
+        return values, metadata
+
+    def owner(self) -> dict[str, str] | None:
+        """{"federation_id", "silo"} this directory belongs to (see ``claim``), or None."""
+        marker = self.directory / "federation.json"
+        return json.loads(marker.read_text()) if marker.is_file() else None

@@ -17,7 +17,7 @@ import torch
 
 from tap_core.config import FederationConfig, SiloSpec
 from tap_core.data.types import TaskData
-from tap_core.labels import own_label_index
+from tap_core.labels import allowed_outputs, silo_label_subsets
 from tap_core.messages import ReplacementEvent, SiloDeclaration, TaskResult
 from tap_core.model.backbone import backbone_on
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
@@ -78,7 +78,8 @@ class SiloRuntime:
         self.state = SiloState()
         self.plan: ModelPlan | None = None
         self.tensors: dict[str, TaskTensors] = {}
-        self.allowed_labels: dict[str, torch.Tensor] = {}  # classification task -> head indices of its own labels
+        self.own_labels: dict[str, tuple[str, ...]] = {}  # classification task -> the labels this silo predicts among
+        self.allowed_labels: dict[str, torch.Tensor] = {}  # ... as a mask over the federation's head
         self._baselines: dict[str, float] = {}
         self._global: TapModel | None = None
         self._personal: TapModel | None = None
@@ -109,15 +110,11 @@ class SiloRuntime:
             task.name: to_tensors(task, self.data[task.name], self.config.model, f"silo {self.id} task {task.name}")
             for task in plan.tasks
         }
-        self.allowed_labels = {task.name: own_label_index(task.labels, self.own_labels(task.name))
-                               for task in plan.tasks if task.kind == "classification" and task.labels}
+        self.own_labels = silo_label_subsets(self.silo.tasks, self.data, plan.tasks)
+        self.allowed_labels = {task.name: allowed_outputs(task.labels or (), self.own_labels[task.name])
+                               for task in plan.tasks if task.kind == "classification"}
         self._baselines = {}
         self._global = self._personal = None
-
-    def own_labels(self, task_name: str) -> list[str]:
-        """The labels this silo's task can take: its declared ``labels:`` list, else those in its data."""
-        spec = next(t for t in self.silo.tasks if t.name == task_name)
-        return list(spec.labels) if spec.labels else self.data[task_name].label_set
 
     # -- models ---------------------------------------------------------------
 

@@ -345,31 +345,43 @@ def read_imagefolder(block: DataBlock, task: TaskSpec, needs: frozenset) -> RawD
                 f"imagefolder holds only images and labels, but the task {WHY[role]}",
                 "use csv or jsonl with an image column, or another task kind/modality",
             )
-    train = _folder_split(block, "path")
-    test = _folder_split(block, "test_path") if "test_path" in block else None
+    labelled = "labels" in needs
+    train = _folder_split(block, "path", labelled)
+    test = _folder_split(block, "test_path", labelled) if "test_path" in block else None
     return _raw(train, test, "path")
 
 
-def _folder_split(block: DataBlock, key: str) -> RawSplit:
+def _image_files(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+
+
+def _folder_split(block: DataBlock, key: str, labelled: bool = True) -> RawSplit:
+    """Images in ``<root>/<label>/``, in sorted order. Unlabelled (prediction inputs, reconstruction):
+    images directly in ``<root>`` count too, first; they leave the split without labels.
+    Unlabelled splits name each row's file (relative to the root) under the key ``file``."""
     root = block.path(key, kind="folder")
-    paths: list[Path] = []
+    loose = [] if labelled else _image_files(root)
+    paths: list[Path] = list(loose)
     labels: list[str] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for file in sorted(folder.iterdir()):
-            if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file():
-                paths.append(file)
-                labels.append(folder.name)
+        for file in _image_files(folder):
+            paths.append(file)
+            labels.append(folder.name)
     if not paths:
+        layouts = f"{root}/<label>/<file>.png" + ("" if labelled else f" or {root}/<file>.png")
         raise block.error(
             key,
-            f"{root} has no images in label subfolders",
-            f"put images ({', '.join(IMAGE_SUFFIXES)}) in one subfolder per label: {root}/<label>/<file>.png",
+            f"{root} has no images in label subfolders" + ("" if labelled else " or in itself"),
+            f"put images ({', '.join(IMAGE_SUFFIXES)}) in {'one subfolder per label' if labelled else 'it'}: {layouts}",
         )
 
     def error(row: int, path: Path, problem: str) -> Exception:
         return block.error(key, f"{path}: {problem}", "remove or replace the file")
 
-    return RawSplit(n=len(paths), labels=labels, images=img.from_files(paths, error))
+    split = RawSplit(n=len(paths), labels=None if loose else labels, images=img.from_files(paths, error))
+    if not labelled:
+        split.keys["file"] = [str(p.relative_to(root)) for p in paths]
+    return split
 
 
 # ---------------------------------------------------------------------------

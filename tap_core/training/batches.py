@@ -86,8 +86,12 @@ def encode_targets(tokenizer, targets: list[str], max_len: int) -> torch.Tensor:
     return out
 
 
-def _split_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpec, where: str) -> SplitTensors:
-    images = input_ids = mask = labels = targets = None
+def input_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpec, where: str) -> SplitTensors:
+    """The model inputs of ``examples`` (images, tokenised text of the task's modalities); no labels or targets.
+
+    Training, evaluation and prediction all tokenise here, so a prediction sees exactly what evaluation saw.
+    """
+    images = input_ids = mask = None
     if "image" in task.modalities:
         if examples.images is None:
             raise DataError(where, "has no images but the task reads the image modality")
@@ -98,18 +102,23 @@ def _split_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpe
         encoded = tokenizer(list(examples.texts), padding="max_length", truncation=True,
                             max_length=spec.max_text_len, return_tensors="pt")
         input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    return SplitTensors(images, input_ids, mask, None, None)
+
+
+def _split_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpec, where: str) -> SplitTensors:
+    split = input_tensors(task, examples, tokenizer, spec, where)
     if task.kind == "classification":
         index = {label: i for i, label in enumerate(task.labels or ())}
         unknown = sorted({label for label in examples.labels or [] if label not in index})
         if examples.labels is None or unknown:
             raise DataError(where, f"label {unknown[0]!r} is not in the task's label list" if unknown else "has no labels",
                             "declare every label in the task's labels: list")
-        labels = torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
+        split.labels = torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
     elif task.kind == "text_generation":
         if examples.targets is None:
             raise DataError(where, "has no target texts for a text_generation task")
-        targets = encode_targets(tokenizer, examples.targets, spec.max_target_len)
-    return SplitTensors(images, input_ids, mask, labels, targets)
+        split.target_ids = encode_targets(tokenizer, examples.targets, spec.max_target_len)
+    return split
 
 
 def to_tensors(task: TaskSpec, data: TaskData, spec: ModelSpec, where: str = "") -> TaskTensors:

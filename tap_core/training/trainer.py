@@ -13,7 +13,7 @@ import torch
 
 from tap_core.config import TrainConfig
 from tap_core.errors import ConfigError, TrainingDiverged
-from tap_core.labels import restrict_logits
+from tap_core.labels import mask_logits
 from tap_core.model.tap_model import TapModel
 from tap_core.seeding import derive_seed, torch_seed
 from tap_core.training.batches import TaskTensors, ordered_batches, sample_batches
@@ -170,12 +170,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model: TapModel, tensors: TaskTensors, end_id: int, split: str = "test",
                  allowed: torch.Tensor | None = None) -> dict[str, float]:
-        """Metrics on a split; ``allowed``: classification chooses among these head indices only."""
+        """Metrics on a split; ``allowed``: a mask of the head outputs classification chooses among."""
         model.eval()
         metric = metrics_for(tensors.task.kind, end_id)
         for batch in ordered_batches(getattr(tensors, split), self.cfg.eval_batch_size):
             batch = batch.to(self.device)
             with self.autocast():
                 output = model(tensors.task.name, batch)
-            metric.update(restrict_logits(output.float(), allowed), batch)
+            output = output.float()
+            metric.update(output if allowed is None else mask_logits(output, allowed), batch)
         return metric.result()
