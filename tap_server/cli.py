@@ -65,6 +65,50 @@ def revoke(kit: Path, silo: str) -> None:
 
 
 @main.command()
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The folder of the original provisioning (KITS: holds ca/ca.key, server/ and the silo kits).")
+@click.option("--server", "renew_server", is_flag=True, help="Renew the server certificate.")
+@click.option("--silo", "silos", multiple=True, help="Renew this silo's certificate (repeatable).")
+@click.option("--all-silos", is_flag=True, help="Renew the certificate of every provisioned silo.")
+@click.option("--server-host", "hosts", multiple=True,
+              help="With --server: the names the new certificate is valid for (default: those of the current one).")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, help="Validity of the new certificates.")
+def rotate(out: Path, renew_server: bool, silos: tuple[str, ...], all_silos: bool, hosts: tuple[str, ...],
+           days: int) -> None:
+    """Renew certificates before they expire, while the federation runs (no state or round is lost).
+
+    A running server uses its new certificate from the next TLS handshake on (update its kit Secret first
+    in Kubernetes). A renewed silo's previous certificate stays valid until the agent connects with the
+    new kit, and is refused from then on.
+    """
+    from tap_server.provision import SiloRegistry
+    from tap_server.rotation import rotate_server, rotate_silo
+
+    if hosts and not renew_server:
+        raise click.UsageError("--server-host only applies with --server")
+    try:
+        names = list(silos)
+        if all_silos:
+            names += sorted(SiloRegistry(out / "server" / "silos.json").load()["silos"])
+        names = list(dict.fromkeys(names))
+        if not renew_server and not names:
+            raise click.UsageError("say what to renew: --server, --silo ID or --all-silos")
+        if renew_server:
+            renewed = rotate_server(out, days, list(hosts) or None)
+            click.echo(f"server: new certificate {renewed.path} (SHA-256 {renewed.sha256[:16]}…, until "
+                       f"{renewed.not_after:%Y-%m-%d}); a running server uses it from its next handshake")
+        for silo in names:
+            renewed = rotate_silo(out, silo, days)
+            click.echo(f"silo {silo}: new kit {renewed.path.parent}/ (SHA-256 {renewed.sha256[:16]}…, until "
+                       f"{renewed.not_after:%Y-%m-%d}); hand it over and restart the agent with it")
+    except TapError as exc:
+        _fail(exc)
+    if names:
+        click.echo(f"{out / 'server' / 'silos.json'} changed: update the server's kit (Secret) so it sees the new "
+                   "certificates; each previous one is refused once its successor has connected")
+
+
+@main.command()
 @click.option("--kit", type=click.Path(path_type=Path, file_okay=False), required=True, help="The server kit (KITS/server).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="federation.yaml")

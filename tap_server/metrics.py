@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tap_server.certificates import CertificateExpiryCollector
+
 PHASES = ("waiting_for_silos", "training", "aggregating", "finishing", "done")
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -41,6 +43,8 @@ class ServerMetrics:
         self.state_write_failures = Counter("tap_state_write_failures", "State checkpoints that failed to write.", registry=r)
         self.state_write_seconds = Histogram("tap_state_write_seconds", "Duration of a state checkpoint write.",
                                              buckets=_DURATION_BUCKETS, registry=r)
+        # days left of the server, CA and silo certificates; the daemon attaches the sources
+        self.certificate_days_left = CertificateExpiryCollector(registry=r)
         self.set_phase(PHASES[0])
 
     def set_phase(self, phase: str) -> None:
