@@ -9,8 +9,8 @@
 # 2. Images: deploy/Dockerfile.server and deploy/Dockerfile.client with --build-arg BASE_IMAGE=<that base>,
 #    tagged localhost/tap-server:$TAP_IMAGE_TAG and localhost/tap-client:$TAP_IMAGE_TAG (default: dev).
 #    Python packages come from PyPI through the hash-pinned locks; the CPU torch wheel from
-#    $TORCH_WHEELS (default /opt/wheels, served on loopback for the build) when it holds it, else
-#    from PyTorch's wheel page. Layers are cached: a code change rebuilds only the last layers.
+#    $TORCH_WHEELS (default /opt/wheels, mounted into the build) when it holds it, else from
+#    PyTorch's wheel page. Layers are cached: a code change rebuilds only the last layers.
 #
 # Needs root or rootless podman, buildah's runc runtime and debootstrap (Debian: apt-get install podman
 # buildah runc debootstrap). Network: the Debian mirror (base and tini) and PyPI.
@@ -45,9 +45,7 @@ EXTRA_CAS_ID=$( [ -n "$EXTRA_CAS" ] && echo "+host-cas:$(echo "$EXTRA_CAS" | sha
 RECIPE="debootstrap --variant=minbase --include=$BASE_PACKAGES bookworm$EXTRA_CAS_ID"
 
 rootfs=""
-wheel_server=""
 cleanup() {
-  if [ -n "$wheel_server" ]; then kill "$wheel_server" 2>/dev/null || true; fi
   if [ -n "$rootfs" ]; then rm -rf "$rootfs"; fi
 }
 trap cleanup EXIT
@@ -102,17 +100,10 @@ else
   log "base image $BASE_IMAGE is up to date"
 fi
 
-# The CPU torch wheel from a local folder: served on loopback for the build's pip (--network host).
+# The CPU torch wheel from a local folder, mounted into the build's RUN steps (a constant path keeps the cache).
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 if compgen -G "$TORCH_WHEELS/torch-2.13.0+cpu-*.whl" >/dev/null; then
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-  python3 -m http.server "$port" --bind 127.0.0.1 --directory "$TORCH_WHEELS" >/dev/null 2>&1 &
-  wheel_server=$!
-  for _ in $(seq 50); do
-    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/', timeout=1)" 2>/dev/null && break
-    sleep 0.1
-  done
-  build_args+=(--build-arg "TORCH_FIND_LINKS=http://127.0.0.1:$port/")
+  build_args+=(--volume "$TORCH_WHEELS:/tmp/torch-wheels:ro" --build-arg "TORCH_FIND_LINKS=/tmp/torch-wheels")
   log "CPU torch wheel from $TORCH_WHEELS"
 fi
 
