@@ -87,6 +87,11 @@ def chown_for_the_image(*paths: Path) -> None:
             podman("unshare", "chown", "-R", "10001:10001", str(path))
 
 
+def container_logs(name: str) -> str:
+    proc = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=60)
+    return (proc.stdout + proc.stderr)[-4000:]
+
+
 class Containers:
     """Containers this test started (removed at the end, whatever happens)."""
 
@@ -108,11 +113,10 @@ class Containers:
         return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else -1
 
     def logs(self, name: str) -> str:
-        proc = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, timeout=60)
-        return (proc.stdout + proc.stderr)[-4000:]
+        return container_logs(name)
 
     def all_logs(self) -> str:
-        return "\n".join(f"--- {n}\n{self.logs(n)}" for n in self.names)
+        return "\n".join(f"--- {n}\n{container_logs(n)}" for n in self.names)
 
     def remove(self) -> None:
         for name in self.names:
@@ -163,6 +167,77 @@ def test_federation_of_containers_runs_to_the_end(images, tmp_path):
         assert (fed.state / silo / "results.json").is_file() and (fed.state / silo / "final_model.safetensors").is_file()
     assert json.loads(server_log.strip().splitlines()[0])["level"], "--log-format json: one JSON object per line"
     left = podman("ps", "--all", "--filter", f"name={containers.prefix}", "--format", "{{.Names}}").stdout.split()
+    assert not left, f"containers left behind: {left}"
+
+
+# podman settings for tools that call podman themselves (podman-compose): see build-local.sh.
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1000:1000"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+"""
+COMPOSE_CLIENTS = ("client-a", "client-b", "client-c")
+
+
+@pytest.mark.container
+@pytest.mark.timeout(BUILD_TIMEOUT + 900)
+def test_compose_stack_runs_the_federation(images, tmp_path):
+    """deploy/compose.yaml as shipped, under podman-compose: the server and three agents on the compose network
+    (the agents dial `server:50051`, a name in the server certificate) run a tiny federation to the end.
+    Prometheus and Grafana come from registry images that cannot be pulled here (their config is run by
+    tests/test_prometheus_live.py); the compose file must still refuse to start without a Grafana password."""
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (Debian: apt-get install podman-compose)")
+    from tap_core.config import to_mapping
+    from tap_server.provision import provision
+
+    from ops_federation import tiny_config, write_csv
+
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("requirements", "Dockerfile*", "*.sh"))
+    silos = [c.replace("client-", "silo-") for c in COMPOSE_CLIENTS]
+    provision(deploy / "kits", silos, ["server", "localhost"])
+    (deploy / "kits" / "server" / "federation.yaml").write_text(yaml.safe_dump(to_mapping(tiny_config(2, len(silos)))))
+    for i, silo in enumerate(silos):
+        write_csv(deploy / "data" / silo / "reviews.csv", seed=i)
+        task = {"name": "reviews", "kind": "classification", "modalities": ["text"], "domain": "reviews",
+                "data": {"format": "csv", "path": "/data/reviews.csv", "text_column": "review",
+                         "label_column": "verdict", "test_fraction": 0.25}}
+        (deploy / "kits" / silo / "silo.yaml").write_text(yaml.safe_dump({"tasks": [task]}))
+        (deploy / "state" / silo).mkdir(parents=True)
+    (deploy / "state" / "server").mkdir(parents=True)
+    chown_for_the_image(deploy / "kits", deploy / "data", deploy / "state")
+    (tmp_path / "containers.conf").write_text(CONTAINERS_CONF)
+    project = f"taptest{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CONTAINERS_CONF": str(tmp_path / "containers.conf"), "TAP_UID": "10001", "TAP_GID": "10001",
+           "TAP_VERSION": TAG}
+    env.pop("GRAFANA_ADMIN_PASSWORD", None)
+
+    def compose(*args: str, password: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(["podman-compose", "-p", project, *args], cwd=deploy, capture_output=True, text=True,
+                              timeout=timeout, env={**env, **({"GRAFANA_ADMIN_PASSWORD": "not-a-default"} if password else {})})
+
+    refused = compose("up", "-d", "server", password=False)
+    assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stdout + refused.stderr
+    server, clients = f"{project}_server_1", [f"{project}_{c}_1" for c in COMPOSE_CLIENTS]
+    try:
+        up = compose("up", "-d", "server", *COMPOSE_CLIENTS)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        for name in clients:
+            proc = subprocess.run([*PODMAN, "wait", name], capture_output=True, text=True, timeout=600, env=env)
+            assert proc.stdout.strip() == "0", "\n".join(f"--- {n}\n{container_logs(n)}" for n in [server, *clients])
+        # the compose healthcheck of the server (its plaintext health port) says healthy
+        assert subprocess.run([*PODMAN, "healthcheck", "run", server], capture_output=True, timeout=60,
+                              env=env).returncode == 0
+    finally:
+        down = compose("down", timeout=300)
+        subprocess.run([*PODMAN, "network", "rm", "--force", f"{project}_default"], capture_output=True, timeout=60)
+    assert down.returncode == 0, down.stderr[-2000:]
+    report = json.loads((deploy / "state" / "server" / "report.json").read_text())
+    assert sorted(t["silo"] for t in report["tasks"]) == silos
+    assert [r["round"] for r in report["history"]] == [1, 2]
+    left = podman("ps", "--all", "--filter", f"name={project}", "--format", "{{.Names}}").stdout.split()
     assert not left, f"containers left behind: {left}"
 
 
