@@ -81,13 +81,17 @@ def load_material(kit: Path) -> TLSMaterial:
         key = serialization.load_pem_private_key(data["server.key"], password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(kit / "server.key"), f"unreadable private key: {exc}") from exc
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+    if _public_der(key.public_key()) != _public_der(cert.public_key()):
         raise ConfigError(str(kit / "server.key"), "does not belong to server.crt",
                           "replace both together (tap-server rotate --server writes a matching pair)")
     if not any(_issued_by(cert, ca) for ca in cas):
         raise ConfigError(str(kit / "server.crt"), "is not signed by (a CA in) ca.crt",
                           "use the certificate and the CA of the same provisioning")
     return TLSMaterial(data["server.crt"], data["server.key"], data["ca.crt"], cert, cas)
+
+
+def _public_der(public_key) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
@@ -111,7 +115,7 @@ class ServerTLS:
         self._refused: tuple | None = None  # signature of a kit already refused (log it once)
 
     def _stat(self) -> tuple:
-        out = []
+        out: list[tuple[int, int, int] | None] = []
         for name in KIT_FILES:
             try:
                 st = (self.kit / name).stat()  # follows a Secret volume's ..data symlink

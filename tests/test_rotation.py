@@ -17,7 +17,6 @@ import signal
 import socket
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import grpc
