@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the hash-pinned lock files the Dockerfiles install from (never edit a .lock by hand):
 #
-#   deploy/requirements/compile.sh            # needs uv (pip install uv) and access to PyPI
+#   deploy/requirements/compile.sh            # needs uv (pip install -e .[lock]) and access to PyPI
 #
 #   cpu.lock       pyproject.toml + runtime-cpu.in   (CPU torch from PyTorch's CPU wheels)
 #   cuda.lock      pyproject.toml + runtime-cuda.in  (PyPI's CUDA torch and its nvidia-* wheels)
