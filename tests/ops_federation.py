@@ -133,6 +133,15 @@ def read_metrics(port: int) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def metrics_up(port: int) -> bool:
+    """Does a /metrics endpoint answer on this loopback port?"""
+    try:
+        read_metrics(port)
+        return True
+    except OSError:
+        return False
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, on_timeout=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

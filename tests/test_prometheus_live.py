@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ops_federation import free_port, make_tiny_federation, read_metrics, wait_for
+from ops_federation import free_port, make_tiny_federation, metrics_up, read_metrics, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -101,7 +101,7 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
     server = fed.start(fed.server_command(port, health, metrics), "server")
     agents = {}
     try:
-        wait_for(lambda: _up(metrics), 90, "tap-server metrics", on_timeout=lambda: fed.log("server"))
+        wait_for(lambda: metrics_up(metrics), 90, "tap-server metrics", on_timeout=lambda: fed.log("server"))
         agents = {s: fed.start(fed.client_command(s, port, "--metrics-port", str(client_metrics[s])), s)
                   for s in fed.silos}
         for silo, agent in agents.items():
@@ -153,14 +153,6 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
                 process.kill()
         prometheus.stop()
     assert "err" not in {line.get("level") for line in _logfmt(prometheus.log)}, prometheus.log.read_text()[-3000:]
-
-
-def _up(port: int) -> bool:
-    try:
-        read_metrics(port)
-        return True
-    except OSError:
-        return False
 
 
 def _logfmt(path: Path) -> list[dict]:

@@ -24,7 +24,8 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ops_federation import free_port, make_tiny_federation, read_metrics, rounds_completed, tiny_config, wait_for
+from ops_federation import (free_port, make_tiny_federation, metrics_up, read_metrics, rounds_completed, tiny_config,
+                            wait_for)
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_server.cli import main as server_cli
@@ -187,7 +188,7 @@ def test_federation_finishes_with_every_round_when_certificates_rotate_mid_way(t
     server = fed.start(fed.server_command(port, health, metrics, "--exit-when-done"), "server")
     agents = {}
     try:
-        wait_for(lambda: server.poll() is None and _metrics_up(metrics), 60, "the server", on_timeout=lambda: fed.log("server"))
+        wait_for(lambda: server.poll() is None and metrics_up(metrics), 60, "the server", on_timeout=lambda: fed.log("server"))
         agents = {s: fed.start(fed.client_command(s, port), s) for s in fed.silos}
         wait_for(lambda: rounds_completed(fed.state / "server") >= 1, 180, "round 1 to complete",
                  on_timeout=lambda: fed.log("server") + fed.log("alpha"))
@@ -213,14 +214,6 @@ def test_federation_finishes_with_every_round_when_certificates_rotate_mid_way(t
         assert (got["silo"], got["task"]) == (want["silo"], want["task"])
         for key, value in want["metrics"].items():
             assert abs(got["metrics"][key] - value) <= 1e-4, (got["silo"], key, got["metrics"][key], value)
-
-
-def _metrics_up(port: int) -> bool:
-    try:
-        read_metrics(port)
-        return True
-    except OSError:
-        return False
 
 
 def test_tiny_config_is_valid():
