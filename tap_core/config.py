@@ -25,6 +25,8 @@ MODALITIES = ("image", "text")
 ALGORITHMS = ("tap", "tap-nokd", "fedavg", "fedavg-ft", "local")
 REPLACEMENT_MODES = ("validation", "train_loss")
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKBONES = ("flava", "vilt")
 MODEL_SIZES = ("tiny", "small", "base")
 SHARED = "shared"  # the modality / family key of the shared routes
@@ -125,7 +127,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     threads: int = 1  # torch threads per training process: results are bitwise reproducible only at a fixed count
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp_dtype: str = "auto"  # auto: bf16 where the card has it natively, else fp16 with a gradient scaler
+    compile: str = "off"  # torch.compile the forward pass: off | default | reduce-overhead | max-autotune
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,8 @@ def validate_train(cfg: TrainConfig, where: str) -> None:
     _check(cfg.kd_temperature > 0, f"{where}.kd_temperature", "must be > 0")
     _check(0 < cfg.val_fraction < 0.9, f"{where}.val_fraction", "must be in (0, 0.9)")
     _check_choice(cfg.replacement, REPLACEMENT_MODES, f"{where}.replacement")
+    _check_choice(cfg.amp_dtype, AMP_DTYPES, f"{where}.amp_dtype")
+    _check_choice(cfg.compile, COMPILE_MODES, f"{where}.compile")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"{where}.device",
            f"unknown device {cfg.device!r}", "use auto, cpu, cuda or cuda:N")
     for table in ("margins", "kd_weights"):
