@@ -132,3 +132,20 @@ def test_compiled_forward_trains_like_the_eager_one(setup):
 def test_bad_precision_or_compile_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=key):
         validate_train(from_mapping(TrainConfig, {key: value}, "train"), "train")
+
+
+def test_lean_lora_forward_trains_bit_for_bit_like_peft(setup, monkeypatch):
+    from tap_core.model import layers
+
+    backbone, plan, tensors = setup
+    trained = {}
+    for lean in (True, False):
+        monkeypatch.setattr(layers, "LEAN_LORA", lean)
+        model = TapModel(plan, backbone, seed=6)
+        patched = sum(1 for module in model.modules() if "forward" in vars(module))
+        assert (patched > 0) == lean
+        Trainer(TrainConfig(batch_size=8), CPU).train(model, tensors, 2, 1, constant_schedule(1e-3))
+        trained[lean] = model.values()
+    for component, tensors_ in trained[True].items():
+        for name, value in tensors_.items():
+            assert torch.equal(value, trained[False][component][name]), (component, name)
