@@ -135,6 +135,11 @@ class Trainer:
             return model
         compiled = self._compiled.get(model)
         if compiled is None:
+            # one graph per (task, train/eval, targets_only) and model: more than dynamo's default limit of 8
+            import torch._dynamo.config as dynamo_config
+
+            limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+            setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
             options = {"mode": None if self.cfg.compile == "default" else self.cfg.compile} \
                 if self.compile_backend == "inductor" else {}
             compiled = torch.compile(model, backend=self.compile_backend, **options)
