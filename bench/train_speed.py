@@ -114,7 +114,9 @@ class Worker:
         from tap_core.silo import SiloRuntime
         from tap_core.training.trainer import Distillation, select_device
 
-        spec = ModelSpec(**MODEL_PRESETS[preset])
+        name, _, overrides = preset.partition(":")  # e.g. "minilm:tower_lora_layers=2,lora_rank=4"
+        extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in overrides.split(",") if item)}
+        spec = ModelSpec(**{**MODEL_PRESETS[name], **extra})
         size = build_backbone(spec).image_size
         rng = np.random.default_rng(0)
         kind = task_spec(task)
@@ -330,7 +332,8 @@ def default_devices() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["small", "minilm"], choices=["tiny", "small", "minilm", "base"])
+    parser.add_argument("--presets", nargs="+", default=["small", "minilm"],
+                        help="tiny, small, minilm, base; NAME:KEY=VALUE,... sets ModelSpec keys (JSON values)")
     parser.add_argument("--tasks", nargs="+", default=list(TASK_KINDS), choices=TASK_KINDS)
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="training batch sizes")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")

@@ -86,6 +86,7 @@ class ModelSpec:
     tokenizer: str | None = None  # local directory with vocab.txt; default: MiniLM's
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    tower_lora_layers: int | None = None  # LoRA in the top N layers of each modality tower only (None: all)
     fusion_layers: int = 1
     adapter_dim: int = 16
     image_size: int | None = None  # default: the backbone config's image size
@@ -334,6 +335,8 @@ def validate_model(spec: ModelSpec, where: str) -> None:
     _check_choice(spec.size, MODEL_SIZES, f"{where}.size")
     _check(spec.lora_rank >= 1, f"{where}.lora_rank", "must be >= 1")
     _check(spec.fusion_layers >= 1, f"{where}.fusion_layers", "must be >= 1")
+    if spec.tower_lora_layers is not None:
+        _check(spec.tower_lora_layers >= 0, f"{where}.tower_lora_layers", "must be >= 0 (or null: every layer)")
     _check(spec.adapter_dim >= 1, f"{where}.adapter_dim", "must be >= 1")
     _check(spec.max_text_len >= 4, f"{where}.max_text_len", "must be >= 4")
     _check(spec.max_target_len >= 2, f"{where}.max_target_len", "must be >= 2")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import TASKS, synthetic_task_data
-from tap_core.config import ModelSpec, TrainConfig, from_mapping, validate_train
+from tap_core.config import ModelSpec, TrainConfig, from_mapping, validate_model, validate_train
 from tap_core.errors import ConfigError
 from tap_core.model import components as C
 from tap_core.model.backbone import build_backbone
@@ -134,6 +134,11 @@ def test_bad_precision_or_compile_settings_are_refused(key, value):
         validate_train(from_mapping(TrainConfig, {key: value}, "train"), "train")
 
 
+def test_negative_tower_lora_layers_is_refused():
+    with pytest.raises(ConfigError, match="tower_lora_layers"):
+        validate_model(ModelSpec(tower_lora_layers=-1), "model")
+
+
 def test_lean_lora_forward_trains_bit_for_bit_like_peft(setup, monkeypatch):
     from tap_core.model import layers
 
@@ -149,3 +154,18 @@ def test_lean_lora_forward_trains_bit_for_bit_like_peft(setup, monkeypatch):
     for component, tensors_ in trained[True].items():
         for name, value in tensors_.items():
             assert torch.equal(value, trained[False][component][name]), (component, name)
+
+
+def test_tower_lora_layers_keeps_lora_in_the_top_layers_only():
+    from tap_core.model.layers import ModalityEncoder
+
+    tower = build_backbone(ModelSpec(size="small")).image_tower  # 4 layers
+    def adapted(layers):
+        encoder = ModalityEncoder(tower, 128, 128, ("query", "value"), 8, 16.0, layers)
+        return sorted({int(n.split(".layer.")[1].split(".")[0]) for n, p in encoder.named_parameters()
+                       if "lora_" in n and p.requires_grad})
+
+    assert adapted(None) == [0, 1, 2, 3]
+    assert adapted(2) == [2, 3]
+    assert adapted(0) == []
+    assert adapted(9) == [0, 1, 2, 3]

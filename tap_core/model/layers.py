@@ -9,6 +9,7 @@ feed-forward projections.
 from __future__ import annotations
 
 import copy
+import re
 import types
 
 import torch
@@ -139,13 +140,28 @@ class DomainAdapter(nn.Module):
         return h + self.up(F.gelu(self.down(h)))
 
 
+def top_layer_targets(tower: nn.Module, targets: tuple[str, ...], layers: int | None) -> tuple[str, ...]:
+    """``targets`` restricted to the tower's top ``layers`` transformer layers (None: every layer).
+
+    Returned as module paths, which peft matches exactly. Gradients then stop below the lowest
+    adapted layer: the frozen layers underneath run forward only.
+    """
+    if layers is None:
+        return targets
+    found = [(int(match.group(1)), name) for name, _ in tower.named_modules()
+             if name.rsplit(".", 1)[-1] in targets and (match := re.search(r"\.layer\.(\d+)\.", name))]
+    depth = 1 + max((index for index, _ in found), default=-1)
+    return tuple(name for index, name in found if index >= depth - layers)
+
+
 class ModalityEncoder(nn.Module):
     """An ``encoder.<modality>`` component: frozen tower + LoRA, trainable projection and norm."""
 
     def __init__(self, tower: nn.Module, tower_dim: int, width: int, lora_targets: tuple[str, ...],
-                 rank: int, alpha: float):
+                 rank: int, alpha: float, lora_layers: int | None = None):
         super().__init__()
         self.tower = share_frozen(tower)
+        lora_targets = top_layer_targets(self.tower, lora_targets, lora_layers)
         if lora_targets:  # ViLT's text embeddings have nothing LoRA can target
             add_lora(self.tower, lora_targets, rank, alpha)
         self.proj = nn.Linear(tower_dim, width)

@@ -107,7 +107,7 @@ class TapModel(nn.Module):
             targets = backbone.tower_lora_targets if rest == "image" else ("query", "value")
             if rest == "text" and backbone.text_tower.kind == "vilt":
                 targets = ()
-            return ModalityEncoder(tower, dim, self.width, targets, rank, alpha)
+            return ModalityEncoder(tower, dim, self.width, targets, rank, alpha, spec.tower_lora_layers)
         if kind == "proj":
             return SharedProjection(self.width)
         if kind in ("mote", "mome"):
