@@ -24,6 +24,8 @@ import logging
 import multiprocessing
 import os
 import struct
+import threading
+import time
 import traceback
 from abc import ABC, abstractmethod
 from multiprocessing.connection import Connection, wait
@@ -178,11 +180,23 @@ def raise_error(error: dict[str, Any]) -> None:
 # Worker process.
 
 
-def worker_main(conn: Connection, config_json: str, silos_json: str, where: str, log_level: int) -> None:
+def exit_with_parent(parent: int, every_s: float = 2.0) -> None:
+    """End this worker when the driver is gone (killed without closing the pool): no orphan keeps training."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def worker_main(conn: Connection, config_json: str, silos_json: str, where: str, log_level: int, parent: int) -> None:
     """Load the assigned silos' data, then answer requests until told to stop (runs in a spawned process)."""
     from tap_core.runtime import configure_threads, load_silo_data
     from tap_core.training.trainer import select_device
 
+    exit_with_parent(parent)
     logging.basicConfig(level=log_level, format="%(asctime)s worker %(levelname)s %(message)s", datefmt="%H:%M:%S")
     runtimes: dict[str, SiloRuntime] = {}
     try:
@@ -267,7 +281,7 @@ class ProcessSilos(SiloPool):
             parent, child = context.Pipe()
             process = context.Process(target=worker_main, name=f"tap-silo-worker-{index}", daemon=True,
                                       args=(child, config_json, json.dumps([to_mapping(s) for s in group]), where,
-                                            logging.getLogger().getEffectiveLevel()))
+                                            logging.getLogger().getEffectiveLevel(), os.getpid()))
             process.start()
             child.close()
             self._conns.append(parent)

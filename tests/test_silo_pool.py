@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,31 @@ def test_default_workers_respects_threads_and_silos(monkeypatch):
     assert default_workers(threads=1, silos=6) == 6
     assert default_workers(threads=2, silos=6) == 4
     assert default_workers(threads=16, silos=6) == 1
+
+
+def test_a_worker_ends_when_its_driver_is_killed(tmp_path):
+    """SIGKILL to the driver: its workers notice and exit instead of training on as orphans."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from tap_core.silo_pool import exit_with_parent\n"
+        "def child(parent):\n"
+        "    exit_with_parent(parent, every_s=0.1)\n"
+        "    time.sleep(60)\n"
+        "if __name__ == '__main__':\n"
+        "    p = multiprocessing.get_context('spawn').Process(target=child, args=(os.getpid(),))\n"
+        "    p.start(); print(p.pid, flush=True); time.sleep(60)\n")
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(driver.stdout.readline())
+    driver.kill()
+    driver.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the worker outlived its driver")
