@@ -98,12 +98,17 @@ class Cluster:
     agents: dict[str, subprocess.Popen] = field(default_factory=dict)
     proxy: FaultProxy | None = None
     server_starts: int = 0
+    metrics_port: int = 0  # 0: the server exports no metrics
+
 
     # ------------------------------------------------------------ set-up
 
     @classmethod
     def create(cls, root: Path, config: FederationConfig = FAULT_CONFIG,
-               silos: dict[str, tuple[dict[str, Any], int]] | None = None) -> "Cluster":
+               silos: dict[str, tuple[dict[str, Any], int]] | None = None, *, data: bool = True,
+               metrics: bool = False) -> "Cluster":
+        """Kits and federation.yaml for ``silos``; with ``data``, each silo's data and silo.yaml (agents need
+        them, light silos do not); with ``metrics``, the server exports Prometheus metrics."""
         from tap_server.provision import provision
 
         cluster = cls(Path(root), config, dict(silos or SILOS))
@@ -111,11 +116,12 @@ class Cluster:
         provision(cluster.kits, sorted(cluster.silos), ["127.0.0.1"])
         federation = to_mapping(dataclasses.replace(config, expected_silos=len(cluster.silos)))
         cluster.federation_yaml.write_text(yaml.safe_dump(federation, sort_keys=False))
-        for silo, (task, seed) in cluster.silos.items():
-            data = write_data(cluster.root / "data" / silo, task, seed)
-            cluster.silo_yaml(silo).write_text(yaml.safe_dump({"tasks": [dict(task, data=data)]}, sort_keys=False))
+        for silo, (task, seed) in cluster.silos.items() if data else ():
+            entry = write_data(cluster.root / "data" / silo, task, seed)
+            cluster.silo_yaml(silo).write_text(yaml.safe_dump({"tasks": [dict(task, data=entry)]}, sort_keys=False))
         cluster.logs.mkdir(exist_ok=True)
         cluster.port, cluster.health_port = free_port(), free_port()
+        cluster.metrics_port = free_port() if metrics else 0
         return cluster
 
     @property
@@ -158,7 +164,8 @@ class Cluster:
 
         command = [sys.executable, "-m", "tap_testing.faults", "tap-server", "serve", "--kit", str(self.kits / "server"),
                    "--config", str(self.federation_yaml), "--listen", f"127.0.0.1:{self.port}", "--state",
-                   str(self.state), "--metrics-port", "-1", "--health-port", str(self.health_port), "--exit-when-done"]
+                   str(self.state), "--metrics-port", str(self.metrics_port or -1), "--health-port", str(self.health_port),
+                   "--exit-when-done"]
         self.server = self._spawn(command, "server", {**({"TAP_FAULT_POINT": fault} if fault else {}), **(env or {})})
         self.server_starts += 1
         if wait_healthy:
