@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_SERVER_ERRORS = 5
+MAX_RETRY_DELAY_S = 30.0  # the longest wait between two tries of a call (exponential backoff from 0.5 s)
 # words only a certificate decision puts in gRPC's details (a reset or EOF during a handshake is not one: a server
 # that restarts or dies mid-handshake says "Handshake read failed (recvmsg:Connection reset by peer)")
 _CERTIFICATE_WORDS = ("certificate", "x509", "unknown ca", "alert")
@@ -156,7 +157,7 @@ class Connection:
                     raise Refused(rejected.reason, f"{what}: {rejected}") from exc
                 log.warning("%s failed (%s); retrying in %.1fs", what, str(rejected)[:200], delay)
                 time.sleep(delay * (0.8 + 0.4 * random.random()))
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def raise_if_final(self, what: str, rejected: Refused) -> None:
         details = str(rejected)

@@ -326,12 +326,14 @@ class Federation:
                     log.warning("join deadline passed with %d silos: starting without the others", len(s.declarations))
                     self._start()
                 elif s.phase == TRAINING and len(self._received) >= self._config.min_clients:
-                    log.warning("round %d deadline: closing with %d of %d updates", s.round, len(self._received),
-                                len(s.selected))
+                    log.warning("round %d deadline: closing with %d of %d updates (none from %s)", s.round,
+                                len(self._received), len(s.selected),
+                                ", ".join(sorted(set(s.selected) - set(self._received))))
                     self._close_round()
                 elif s.phase == TRAINING:
-                    log.warning("round %d deadline: only %d updates (< min_clients %d); retrying the round",
-                                s.round, len(self._received), self._config.min_clients)
+                    log.warning("round %d deadline: only %d updates (< min_clients %d; none from %s); retrying the round",
+                                s.round, len(self._received), self._config.min_clients,
+                                ", ".join(sorted(set(s.selected) - set(self._received))))
                     self._metrics.clients_dropped.inc(len(set(s.selected) - set(self._received)))
                     s.round -= 1
                     s.attempt += 1

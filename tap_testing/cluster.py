@@ -99,19 +99,20 @@ class Cluster:
     proxy: FaultProxy | None = None
     server_starts: int = 0
     metrics_port: int = 0  # 0: the server exports no metrics
-
+    max_retry_delay_s: float | None = None  # agents' longest backoff (None: the real 30 s)
 
     # ------------------------------------------------------------ set-up
 
     @classmethod
     def create(cls, root: Path, config: FederationConfig = FAULT_CONFIG,
                silos: dict[str, tuple[dict[str, Any], int]] | None = None, *, data: bool = True,
-               metrics: bool = False) -> "Cluster":
+               metrics: bool = False, max_retry_delay_s: float | None = None) -> "Cluster":
         """Kits and federation.yaml for ``silos``; with ``data``, each silo's data and silo.yaml (agents need
-        them, light silos do not); with ``metrics``, the server exports Prometheus metrics."""
+        them, light silos do not); with ``metrics``, the server exports Prometheus metrics; ``max_retry_delay_s``
+        caps the agents' backoff (tests: a restarted server is found in seconds)."""
         from tap_server.provision import provision
 
-        cluster = cls(Path(root), config, dict(silos or SILOS))
+        cluster = cls(Path(root), config, dict(silos or SILOS), max_retry_delay_s=max_retry_delay_s)
         cluster.root.mkdir(parents=True, exist_ok=True)
         provision(cluster.kits, sorted(cluster.silos), ["127.0.0.1"])
         federation = to_mapping(dataclasses.replace(config, expected_silos=len(cluster.silos)))
@@ -177,7 +178,10 @@ class Cluster:
         command = [sys.executable, "-m", "tap_testing.faults", "tap-client", "run", "--kit", str(self.kits / silo),
                    "--server", address, "--config", str(self.silo_yaml(silo)), "--state", str(self.client_state(silo)),
                    "--threads", "1"]
-        self.agents[silo] = self._spawn(command, silo, {**({"TAP_FAULT_POINT": fault} if fault else {}), **(env or {})})
+        knobs = {"TAP_FAULT_POINT": fault} if fault else {}
+        if self.max_retry_delay_s is not None:
+            knobs["TAP_FAULT_MAX_RETRY_DELAY_S"] = str(self.max_retry_delay_s)
+        self.agents[silo] = self._spawn(command, silo, {**knobs, **(env or {})})
         return self.agents[silo]
 
     def use_proxy(self) -> FaultProxy:

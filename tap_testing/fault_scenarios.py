@@ -11,7 +11,7 @@ values behind the verdict.
 - :func:`agent_kills`: agents SIGKILLed mid-training / mid-upload and restarted:
   the same equality.
 - :func:`network_faults`: agents behind a fault-injecting proxy (drops, cuts
-  mid-stream, stalls, a slow link): the same equality.
+  mid-stream, a partition, a stall, latency, a slow link): the same equality.
 - :func:`silent_training`: minutes of local work behind a proxy that drops idle
   connections: the connection stays up, no call has to be retried.
 """
@@ -36,8 +36,8 @@ PHASES = {"join": "waiting for joins", "download": "streaming out", "upload": "m
 RUN_TIMEOUT_S = 900.0
 
 
-def _prepared(root: Path, reference: Reference | None) -> tuple[Cluster, Reference]:
-    cluster = Cluster.create(root / "cluster")
+def _prepared(root: Path, reference: Reference | None, retry_s: float | None) -> tuple[Cluster, Reference]:
+    cluster = Cluster.create(root / "cluster", max_retry_delay_s=retry_s)
     return cluster, reference or reference_run(cluster, root / "reference-state")
 
 
@@ -57,11 +57,12 @@ def _finish(name: str, cluster: Cluster, reference: Reference, started: float, c
     return ScenarioOutcome(name, not failed, detail, numbers)
 
 
-def server_kills(root: Path, points: list[str] | None = None, reference: Reference | None = None) -> ScenarioOutcome:
+def server_kills(root: Path, points: list[str] | None = None, reference: Reference | None = None,
+                 retry_s: float | None = None) -> ScenarioOutcome:
     """SIGKILL the server at each of ``points`` in turn (restarting it on the same state dir after each)."""
     points = list(points or SERVER_CHAIN)
     name = "server SIGKILL " + ", ".join(PHASES.get(p.split(":")[0], p) for p in points)
-    cluster, reference = _prepared(root, reference)
+    cluster, reference = _prepared(root, reference, retry_s)
     started = time.monotonic()
     checks: dict[str, bool] = {}
     numbers: dict = {"points": points}
@@ -79,11 +80,12 @@ def server_kills(root: Path, points: list[str] | None = None, reference: Referen
         return _finish(name, cluster, reference, started, checks, numbers)
 
 
-def agent_kills(root: Path, victims: dict[str, str] | None = None, reference: Reference | None = None) -> ScenarioOutcome:
+def agent_kills(root: Path, victims: dict[str, str] | None = None, reference: Reference | None = None,
+                retry_s: float | None = None) -> ScenarioOutcome:
     """SIGKILL agents at their points (default: one mid-training, one mid-upload), restart them, finish."""
     victims = victims or {"alpha": "train:1", "beta": "upload_frame:2"}
     name = "agent SIGKILL " + ", ".join(f"{silo} at {point}" for silo, point in victims.items())
-    cluster, reference = _prepared(root, reference)
+    cluster, reference = _prepared(root, reference, retry_s)
     started = time.monotonic()
     checks: dict[str, bool] = {}
     numbers: dict = {"victims": victims}
@@ -110,11 +112,12 @@ def _when(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def network_faults(root: Path, reference: Reference | None = None) -> ScenarioOutcome:
+def network_faults(root: Path, reference: Reference | None = None, retry_s: float | None = None) -> ScenarioOutcome:
     """Agents reach the server through a proxy that drops every connection, cuts a download and an upload
-    mid-stream, stalls for a few seconds and runs as a slow link; they must finish as if nothing happened."""
-    name = "network: drops, cuts mid-stream, stalls, slow link"
-    cluster, reference = _prepared(root, reference)
+    mid-stream, partitions the network, stalls for a few seconds and then runs as a slow, distant link; they
+    must finish as if nothing happened."""
+    name = "network: drops, cuts mid-stream, partition, stall, latency, slow link"
+    cluster, reference = _prepared(root, reference, retry_s)
     started = time.monotonic()
     checks: dict[str, bool] = {}
     numbers: dict = {}
@@ -130,9 +133,14 @@ def network_faults(root: Path, reference: Reference | None = None) -> ScenarioOu
         proxy.cut_after(DOWN, 100_000)
         proxy.cut_after(UP, 60_000)
         _when(lambda: proxy.stats().cut >= 2, 300, "a download and an upload were cut")
-        # 3. a stall of 3 s while everyone works, then a slow link (200 kB/s) for the rest
+        # 3. a partition: for 3 s the server cannot be reached (open connections reset, new ones refused)
+        numbers["reset_by_partition"] = proxy.partition(3.0)
+        time.sleep(3.5)
+        # 4. a black hole of 3 s (connections stay open, nothing flows) while everyone works
         proxy.stall(3.0)
         time.sleep(3.5)
+        # 5. for the rest: a slow (200 kB/s), distant (50 ms one way) link
+        proxy.set_latency(0.05)
         proxy.set_rate(200_000)
         outcome = _finish(name, cluster, reference, started, checks, numbers)
         numbers["proxy"] = proxy.stats().to_json()
@@ -140,11 +148,11 @@ def network_faults(root: Path, reference: Reference | None = None) -> ScenarioOu
 
 
 def silent_training(root: Path, train_sleep_s: float = 8.0, idle_timeout_s: float = 3.0,
-                    reference: Reference | None = None) -> ScenarioOutcome:
+                    reference: Reference | None = None, retry_s: float | None = None) -> ScenarioOutcome:
     """Every training pass of every agent lasts ``train_sleep_s`` longer (silent local work) while a proxy drops
     connections idle for ``idle_timeout_s``: heartbeats and keepalive keep them up, so no call is retried."""
     name = f"silent local training ({train_sleep_s:.0f}s per pass) behind a {idle_timeout_s:.0f}s idle timeout"
-    cluster, reference = _prepared(root, reference)
+    cluster, reference = _prepared(root, reference, retry_s)
     started = time.monotonic()
     checks: dict[str, bool] = {}
     numbers: dict = {"train_sleep_s": train_sleep_s, "idle_timeout_s": idle_timeout_s}
@@ -156,9 +164,10 @@ def silent_training(root: Path, train_sleep_s: float = 8.0, idle_timeout_s: floa
             cluster.start_agent(silo, env={"TAP_FAULT_TRAIN_SLEEP_S": str(train_sleep_s)})
         outcome = _finish(name, cluster, reference, started, checks, numbers)
         numbers["proxy"] = proxy.stats().to_json()
-    retries = {silo: len(re.findall(r"failed \(.*\); retrying", cluster.log(silo))) for silo in cluster.silos}
+    retries: dict[str, int] = {silo: len(re.findall(r"failed \(.*\); retrying", cluster.log(silo)))
+                               for silo in cluster.silos}
     numbers["retried_calls"] = retries
-    if outcome.passed and (sum(retries.values()) or numbers["proxy"]["idle_closed"]):
+    if outcome.passed and (sum(retries.values()) > 0 or numbers["proxy"]["idle_closed"]):
         outcome.passed = False
         outcome.detail = (f"FAILED: connections were lost during silent training ({numbers['proxy']['idle_closed']} "
                           f"closed idle, retried calls {retries})")
@@ -262,8 +271,9 @@ def unwritable_state_dir(root: Path, real: bool | None = None) -> ScenarioOutcom
 def _refused(call: Callable[[], object], error: type[Exception] | None = None) -> bool:
     from tap_core.errors import Rejected
 
+    expected = error or Rejected
     try:
         call()
-    except error or Rejected:
+    except expected:
         return True
     return False

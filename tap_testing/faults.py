@@ -19,6 +19,9 @@ Other knobs (environment):
   (long, silent local work without burning CPU: keepalive, deadlines).
 - ``TAP_FAULT_DISK_FULL=N``: the N-th atomic file write and every one after it
   fail with ENOSPC, as on a full disk (:func:`disk_full` does the same in process).
+- ``TAP_FAULT_MAX_RETRY_DELAY_S=S``: an agent waits at most S seconds between two
+  tries of a call (instead of 30 s): a test that restarts the server does not
+  wait out a long backoff. Retrying itself is unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any, Callable, Iterator
 ENV_POINT = "TAP_FAULT_POINT"
 ENV_TRAIN_SLEEP = "TAP_FAULT_TRAIN_SLEEP_S"
 ENV_DISK_FULL = "TAP_FAULT_DISK_FULL"
+ENV_MAX_RETRY_DELAY = "TAP_FAULT_MAX_RETRY_DELAY_S"
 KILLED_MARK = "tap_testing.faults: SIGKILL at"  # printed to stderr just before the kill (tests look for it)
 
 #: point -> (process, where it sits)
@@ -153,7 +157,7 @@ def install_point(spec: str) -> None:
         import tap_client.agent as agent
 
         encode = agent.encode_stream
-        agent.encode_stream = lambda *a, **k: _counting(encode(*a, **k), trigger)  # type: ignore[assignment]
+        agent.encode_stream = lambda *a, **k: _counting(encode(*a, **k), trigger)
 
 
 def slow_training(seconds: float) -> None:
@@ -195,11 +199,11 @@ def disk_full(after: int = 1, only: Callable[[str], bool] = lambda path: True,
                     counts["failed"] += 1
                     raise OSError(error, f"{os.strerror(error)} (injected by tap_testing.faults)", str(path))
 
-    store.atomic_file = full  # type: ignore[assignment]
+    store.atomic_file = full
     try:
         yield counts
     finally:
-        store.atomic_file = original  # type: ignore[assignment]
+        store.atomic_file = original
 
 
 def install_from_environment() -> None:
@@ -212,6 +216,11 @@ def install_from_environment() -> None:
     full = os.environ.get(ENV_DISK_FULL)
     if full:
         disk_full(int(full)).__enter__()  # for the life of the process
+    retry_delay = os.environ.get(ENV_MAX_RETRY_DELAY)
+    if retry_delay:
+        import tap_client.connection as connection
+
+        connection.MAX_RETRY_DELAY_S = float(retry_delay)
 
 
 COMMANDS = {"tap-server": "tap_server.cli", "tap-client": "tap_client.cli"}

@@ -61,14 +61,14 @@ class RoundWatch(threading.Thread):
         self.cluster = cluster
         self.samples: list[tuple[int, float, float]] = []
         self.peak_mb = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         from tap_cli.demo import read_metrics
 
         assert self.cluster.server is not None
         pid, last, started = self.cluster.server.pid, -1, time.monotonic()
-        while not self._stop.wait(0.1) and self.cluster.server.poll() is None:
+        while not self._halt.wait(0.1) and self.cluster.server.poll() is None:
             try:
                 metrics = read_metrics(self.cluster.metrics_port)
                 rss = _rss_mb(pid)
@@ -81,7 +81,7 @@ class RoundWatch(threading.Thread):
                 self.samples.append((current, round(time.monotonic() - started, 2), round(rss, 1)))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
 
@@ -156,7 +156,7 @@ def _hostile_channel(cluster: Cluster, silo: str, fingerprint: str) -> grpc.Chan
 
 
 def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = False, round_s: float | None = None,
-             timeout_s: float = 900.0, rss_growth_mb: float = 25.0) -> ScenarioOutcome:
+             timeout_s: float = 900.0, rss_growth_mb: float = 25.0, flood_polls: int = FLOOD_POLLS) -> ScenarioOutcome:
     """``silos`` concurrent silo connections for ``rounds`` rounds (two of them hostile with ``attackers``)."""
     hostile = ["flooder", "staller"] if attackers else []
     honest = [f"silo{i:02d}" for i in range(silos - len(hostile))]
@@ -168,6 +168,8 @@ def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = Fal
     fingerprint = fingerprint_of(config)
     name = f"load: {silos} silos, {rounds} rounds" + (", one flooding Polls, one stalling uploads" if attackers else "")
     numbers: dict[str, Any] = {"silos": silos, "honest": len(honest), "rounds": rounds}
+    if attackers:
+        numbers["flood_polls"] = flood_polls
     checks: dict[str, bool] = {}
     attacks: list[Any] = []
     with cluster:
@@ -182,7 +184,7 @@ def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = Fal
         try:
             if attackers:  # they join first, so the flood is on before the honest silos arrive
                 channels = [_hostile_channel(cluster, silo, fingerprint) for silo in hostile]
-                attacks = [PollFlood(channels[0]), UploadStall(channels[1])]
+                attacks = [PollFlood(channels[0], flood_polls), UploadStall(channels[1])]
                 for attack in attacks:
                     attack.start()
             for thread in threads:

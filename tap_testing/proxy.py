@@ -5,7 +5,10 @@ when told, misbehaves like a real network::
 
     with FaultProxy(server_port) as proxy:          # agents use --server 127.0.0.1:{proxy.port}
         proxy.drop()                                # reset every open connection now
-        proxy.stall(3.0)                            # forward nothing for 3 s (connections stay open)
+        proxy.stall(3.0)                            # forward nothing for 3 s (connections stay open: a black hole)
+        proxy.partition(3.0)                        # for 3 s the server is unreachable: open connections reset,
+                                                    #   new ones refused
+        proxy.set_latency(0.05)                     # every byte arrives 50 ms after it was sent
         proxy.set_rate(200_000)                     # a slow link: at most this many bytes/s per direction
         proxy.cut_after(UP, 50_000)                 # reset the next connection once it carried 50 kB upstream
         proxy.refuse(True)                          # close new connections at once
@@ -32,7 +35,7 @@ READ_BYTES = 64 * 1024
 @dataclass
 class ProxyStats:
     connections: int = 0  # accepted
-    refused: int = 0  # closed at once (refuse mode)
+    refused: int = 0  # closed at once (refuse mode, a partition)
     dropped: int = 0  # reset by drop()
     cut: int = 0  # reset mid-stream by a cut_after rule
     idle_closed: int = 0  # reset by the idle timeout
@@ -78,6 +81,7 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._cuts: list[_Cut] = []
         self._rate: float | None = None  # bytes per second per direction of each connection
+        self._latency_s = 0.0  # one-way delay added to every byte
         self._refusing = False
         self._loop = asyncio.new_event_loop()
         self._flowing: asyncio.Event | None = None  # cleared while stalled
@@ -140,6 +144,27 @@ class FaultProxy:
 
     def resume(self) -> None:
         self._call(lambda: self._flowing.set())  # type: ignore[union-attr]
+
+    def partition(self, seconds: float | None) -> int:
+        """The server becomes unreachable for ``seconds`` (None: until :meth:`heal`): every open connection is
+        reset and new ones are refused. Returns how many were reset."""
+        def run() -> int:
+            self._refusing = True
+            if seconds is not None:
+                self._loop.call_later(seconds, lambda: setattr(self, "_refusing", False))
+            return 0
+
+        self._call(run)
+        return self.drop()
+
+    def heal(self) -> None:
+        """End a partition and a stall."""
+        self.refuse(False)
+        self.resume()
+
+    def set_latency(self, seconds: float) -> None:
+        """Every byte is forwarded ``seconds`` after it arrived (each direction; 0: none)."""
+        self._call(lambda: setattr(self, "_latency_s", max(0.0, seconds)))
 
     def set_rate(self, bytes_per_second: float | None) -> None:
         """A slow link (None: full speed)."""
@@ -204,7 +229,9 @@ class FaultProxy:
                 data = await reader.read(READ_BYTES)
                 if not data:
                     break
-                link.last_activity = time.monotonic()
+                link.last_activity = arrived = time.monotonic()
+                if self._latency_s:  # in order: later bytes arrived later, so they wait no less
+                    await asyncio.sleep(max(0.0, arrived + self._latency_s - time.monotonic()))
                 while data and not link.closed:
                     assert self._flowing is not None
                     await self._flowing.wait()
