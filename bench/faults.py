@@ -65,6 +65,7 @@ def fault_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcom
     from tap_testing.dropout import vanished_silo
     from tap_testing.fault_scenarios import (
         SERVER_CHAIN,
+        agent_disk_full,
         agent_kills,
         network_faults,
         server_kills,
@@ -89,13 +90,14 @@ def fault_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcom
         ("network", lambda: network_faults(root / "network", reference, retry_s=retry)),
         ("silent training", lambda: silent_training(root / "silent", train_sleep_s=sleep_s, idle_timeout_s=5.0,
                                                     reference=reference, retry_s=retry)),
+        ("agent disk full", lambda: agent_disk_full(root / "agent-full", reference=reference, retry_s=retry)),
         ("disk full", lambda: state_volume_fault(root / "full", "full", reference=reference)),
         ("read-only", lambda: state_volume_fault(root / "ro", "read_only", reference=reference)),
         ("unwritable at start", lambda: unwritable_state_dir(root / "unwritable")),
         ("silo never returns", lambda: vanished_silo(root / "vanish", retry=False, round_s=5.0)),
         ("silo returns late", lambda: vanished_silo(root / "late", retry=True, round_s=5.0)),
     ]
-    return [_guarded(name, run) for name, run in runs]
+    return [_guarded(name, run) for name, run in runs if not args.match or any(m in name for m in args.match)]
 
 
 def _optional(module: str) -> Any:
@@ -131,7 +133,7 @@ def load_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcome
     return [
         _guarded(f"load {silos}", lambda: load_run(root / "load", silos=silos, rounds=rounds)),
         _guarded(f"load {silos} with attackers", lambda: load_run(root / "load-hostile", silos=silos, rounds=rounds,
-                                                                   attackers=True, round_s=10.0)),
+                                                                   attackers=True, round_s=30.0)),
     ]
 
 
@@ -147,7 +149,7 @@ def print_table(outcomes: list[ScenarioOutcome]) -> None:
 def _evidence(numbers: dict[str, Any]) -> str:
     """The few numbers a reader compares, when a scenario held."""
     keys = ["model_max_abs_diff", "metrics_max_abs_diff", "aggregate_max_abs_error", "server_starts",
-            "rss_growth_after_round_2_mb", "peak_rss_mb", "rounds_per_s", "accepted_per_round", "volume"]
+            "rss_growth_after_round_2_mb", "peak_rss_mb", "rounds_per_s", "accepted_per_round", "volume", "missed_rounds"]
     shown = {k: numbers[k] for k in keys if k in numbers}
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-cases", type=int, default=None, help="fuzz cases per handler (1000; --quick: 30)")
     parser.add_argument("--each-point", action="store_true", help="also one federation per server kill point")
     parser.add_argument("--retry-s", type=float, default=None, help="cap the agents' backoff (default: the real 30 s)")
+    parser.add_argument("--match", nargs="+", default=None,
+                        help="only the fault scenarios whose key contains one of these (e.g. 'server kill' 'network')")
     parser.add_argument("--keep", type=Path, default=None, help="run under this directory and keep it (logs)")
     args = parser.parse_args(argv)
     args.load_silos = args.load_silos or (16 if args.quick else 64)

@@ -170,7 +170,7 @@ class Cluster:
         self.server = self._spawn(command, "server", {**({"TAP_FAULT_POINT": fault} if fault else {}), **(env or {})})
         self.server_starts += 1
         if wait_healthy:
-            healthy(self.health_port, self.server, self.logs / "server.log", timeout=180)
+            healthy(self.health_port, self.server, self.logs / "server.log", timeout=600)
         return self.server
 
     def start_agent(self, silo: str, fault: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:

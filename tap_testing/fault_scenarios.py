@@ -14,6 +14,10 @@ values behind the verdict.
   mid-stream, a partition, a stall, latency, a slow link): the same equality.
 - :func:`silent_training`: minutes of local work behind a proxy that drops idle
   connections: the connection stays up, no call has to be retried.
+- :func:`agent_disk_full`: an agent's state dir fills up: a clear error, and a
+  restart on the same dir resumes to the same result.
+- :func:`state_volume_fault`, :func:`unwritable_state_dir`: the server's state
+  volume fills up or goes read-only mid-federation, or is unwritable at start.
 """
 
 from __future__ import annotations
@@ -173,6 +177,30 @@ def silent_training(root: Path, train_sleep_s: float = 8.0, idle_timeout_s: floa
                           f"closed idle, retried calls {retries})")
     return outcome
 
+
+
+def agent_disk_full(root: Path, silo: str = "alpha", after_writes: int = 4, reference: Reference | None = None,
+                    retry_s: float | None = None) -> ScenarioOutcome:
+    """``silo``'s state dir fills up (ENOSPC from its ``after_writes``-th file write on): the agent stops with a clear
+    error naming its state dir (exit 2, not a crash); restarted on the same dir once there is space, it resumes
+    and the federation ends as an uninterrupted run."""
+    name = f"agent's state dir full ({silo}, from its write #{after_writes})"
+    cluster, reference = _prepared(root, reference, retry_s)
+    started = time.monotonic()
+    checks: dict[str, bool] = {}
+    numbers: dict = {"silo": silo, "after_writes": after_writes}
+    with cluster:
+        cluster.start_server()
+        for agent in cluster.silos:
+            cluster.start_agent(agent, env={"TAP_FAULT_DISK_FULL": str(after_writes)} if agent == silo else None)
+        code = cluster.wait_exit(cluster.agents[silo], RUN_TIMEOUT_S, silo)
+        message = next((line for line in cluster.log(silo).splitlines() if "cannot write" in line), "")
+        numbers["exit_code"], numbers["error"] = code, message[:300]
+        checks["the agent stops with exit 2"] = code == 2
+        checks["saying it cannot write its state dir, and that the previous state is intact"] = (
+            str(cluster.client_state(silo)) in message and "intact" in message)
+        cluster.start_agent(silo)
+        return _finish(name, cluster, reference, started, checks, numbers)
 
 # ------------------------------------------------------------ the state volume (in process: no gRPC needed)
 

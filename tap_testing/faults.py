@@ -206,6 +206,9 @@ def disk_full(after: int = 1, only: Callable[[str], bool] = lambda path: True,
         store.atomic_file = original
 
 
+_FOR_LIFE: list[contextlib.AbstractContextManager] = []
+
+
 def install_from_environment() -> None:
     spec = os.environ.get(ENV_POINT)
     if spec:
@@ -215,7 +218,9 @@ def install_from_environment() -> None:
         slow_training(float(sleep))
     full = os.environ.get(ENV_DISK_FULL)
     if full:
-        disk_full(int(full)).__enter__()  # for the life of the process
+        # for the life of the process: keep the context manager, or collecting it would undo the patch at once
+        _FOR_LIFE.append(disk_full(int(full)))
+        _FOR_LIFE[-1].__enter__()
     retry_delay = os.environ.get(ENV_MAX_RETRY_DELAY)
     if retry_delay:
         import tap_client.connection as connection

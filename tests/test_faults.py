@@ -9,6 +9,10 @@ scenarios (with the real backoff) and the 64-silo load.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tap_testing import faults
@@ -16,6 +20,7 @@ from tap_testing.cluster import Cluster, reference_run
 from tap_testing.dropout import vanished_silo
 from tap_testing.fault_scenarios import (
     SERVER_CHAIN,
+    agent_disk_full,
     agent_kills,
     network_faults,
     server_kills,
@@ -50,6 +55,22 @@ def test_every_kill_point_is_exercised_and_unknown_ones_refused():
         faults.parse_point("upload:0")
 
 
+def test_environment_knobs_last_for_the_whole_process(tmp_path):
+    """TAP_FAULT_DISK_FULL and TAP_FAULT_MAX_RETRY_DELAY_S are still in force after start-up (garbage collected)."""
+    script = (f"import gc; from pathlib import Path; from tap_testing import faults\n"
+              f"faults.install_from_environment(); gc.collect()\n"
+              f"import tap_client.connection as c; from tap_core.store import atomic_write_json as w\n"
+              f"w(Path({str(tmp_path / 'a.json')!r}), 1)\n"
+              f"try:\n    w(Path({str(tmp_path / 'b.json')!r}), 2)\nexcept OSError as e:\n    print('refused', e.errno)\n"
+              f"print('delay', c.MAX_RETRY_DELAY_S)")
+    env = {**os.environ, "TAP_FAULT_DISK_FULL": "2", "TAP_FAULT_MAX_RETRY_DELAY_S": "1.5"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["refused", "28", "delay", "1.5"]
+    assert (tmp_path / "a.json").is_file() and not (tmp_path / "b.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temp file left behind
+
+
 @pytest.mark.slow
 def test_server_sigkill_at_every_phase_resumes_to_the_same_result(tmp_path, reference):
     outcome = server_kills(tmp_path, SERVER_CHAIN, reference, retry_s=RETRY_S)
@@ -76,6 +97,11 @@ def test_network_drops_cuts_partition_stall_latency_slow_link(tmp_path, referenc
 def test_silent_local_training_keeps_connections(tmp_path, reference):
     outcome = silent_training(tmp_path, train_sleep_s=6.0, idle_timeout_s=2.5, reference=reference, retry_s=RETRY_S)
     _held(outcome)
+
+
+@pytest.mark.slow
+def test_agent_state_dir_full_is_a_clear_error_and_a_restart_resumes(tmp_path, reference):
+    _held(agent_disk_full(tmp_path, reference=reference, retry_s=RETRY_S))
 
 
 @pytest.mark.parametrize("kind", ["full", "read_only"])
