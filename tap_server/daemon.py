@@ -17,13 +17,12 @@ from prometheus_client import start_http_server
 
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
-from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import channel_options, split_address
 from tap_server.auth import SiloAuthenticator
 from tap_server.federation import Federation
 from tap_server.federation_api import DONE
 from tap_server.metrics import ServerMetrics
-from tap_server.servicer import FederationServicer
+from tap_server.servicer import FederationServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ class ServerDaemon:
                              options=channel_options(self.config) + [NO_PORT_SHARING],
                              maximum_concurrent_rpcs=workers * 4)
         servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
-        pb_grpc.add_FederationServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
         self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")
