@@ -128,6 +128,8 @@ def raw_phase(clients: list[subprocess.Popen], command: str) -> tuple[float, flo
         client.stdin.write(command + "\n")
         client.stdin.flush()
     answers = [json.loads(client.stdout.readline()) for client in clients]
+    if os.environ.get("TAP_BENCH_DEBUG"):
+        print(f"    raw {command}: " + ", ".join(f"{a['start']:.2f}-{a['end']:.2f}" for a in answers), flush=True)
     return min(a["start"] for a in answers), max(a["end"] for a in answers), sum(a["bytes"] for a in answers)
 
 
@@ -179,7 +181,9 @@ def measure(fed: Federation) -> list[dict[str, Any]]:
         (fed.root / "gate" / f"round-{round_index}").write_text("go")
 
         def closed() -> bool:
-            return any(e["event"] == "round_closed" and e["round"] == round_index for e in fed.events("server"))
+            return (any(e["event"] == "round_closed" and e["round"] == round_index for e in fed.events("server"))
+                    and all(any(e["event"] == "upload_end" and e["round"] == round_index for e in fed.events(s))
+                            for s in fed.silos))
 
         wait_for(closed, f"round {round_index} to close", watched, fed)
         rows.append(round_record(fed, round_index, raw_down, raw_up))

@@ -11,7 +11,9 @@ frames and writes frames this module reads):
   (memoryviews) into the one ``bytes`` object gRPC sends — one copy, which gRPC's own
   serialisation step would otherwise make;
 - :func:`parse_frame` walks a received message and hands out each piece's ``data`` as a
-  memoryview into it, so the decoder copies the bytes once, into the tensor.
+  memoryview into it, so the decoder copies the bytes once, into the tensor;
+- :func:`crc32` is the checksum both ends compute over every byte (CRC-32 as ``zlib.crc32``,
+  from ISA-L when installed: at ~2 GB/s, zlib's alone cost a tenth of a raw stream's time).
 
 Fields are written in field-number order, proto3 defaults (0, empty) omitted, ``shape``
 packed: what ``SerializeToString`` writes for the same frame. The reader accepts any
@@ -25,6 +27,11 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 from google.protobuf.message import DecodeError
+
+try:  # ISA-L's CRC-32 (carry-less multiplication): the same checksum as zlib.crc32, ~4x faster
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib's is the same function, slower
+    from zlib import crc32
 
 from tap_core.errors import WireError
 from tap_core.proto.tap.v1 import federation_pb2 as pb

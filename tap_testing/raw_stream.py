@@ -4,7 +4,8 @@
     python -m tap_testing.raw_stream client --kit KITS/s00 --config federation.yaml --mb 100 --server 127.0.0.1:P
 
 The server holds ``--mb`` MB as pre-built ``wire.chunk_bytes`` messages: ``Down`` streams
-them, ``Up`` copies each received message into one preallocated buffer. A client connects
+them, ``Up`` copies each received message into one buffer allocated for the stream (as
+``StreamDecoder`` does; a client's ``down`` likewise). A client connects
 (mTLS with its silo kit), makes one small warm-up call, then reads commands on stdin —
 ``down``, ``up``, ``quit`` — and answers each with a JSON line ``{"start", "end", "bytes"}``
 (``time.monotonic()``), so the bench can start K clients at once and time the slowest.
@@ -23,6 +24,8 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
+import torch
 
 from tap_core.config import FederationConfig
 from tap_core.scenario import load_federation_config
@@ -37,6 +40,22 @@ def payload_chunks(megabytes: float, chunk_bytes: int) -> list[bytes]:
     return [data[i : i + chunk_bytes] for i in range(0, total, chunk_bytes)]
 
 
+def new_buffer(size: int) -> np.ndarray:
+    """Uninitialised, in 4 KiB pages like the decoder's tensors (numpy would ask huge pages for this size, which the
+    kernel may compact memory for, for seconds; bytearray would zero it in an extra pass)."""
+    return torch.empty(size, dtype=torch.uint8).numpy()
+
+
+def receive_into(buffer: np.ndarray, messages) -> int:
+    """Copy each message into ``buffer`` in turn (one copy: the least a receiver does); returns the bytes."""
+    view = memoryview(buffer)
+    offset = 0
+    for message in messages:
+        view[offset : offset + len(message)] = message
+        offset += len(message)
+    return offset
+
+
 def serve(kit: Path, config: FederationConfig, megabytes: float, port_file: Path, workers: int) -> None:
     chunks = payload_chunks(megabytes, config.wire.chunk_bytes)
     total = sum(len(c) for c in chunks)
@@ -45,12 +64,7 @@ def serve(kit: Path, config: FederationConfig, megabytes: float, port_file: Path
         yield from chunks
 
     def up(request_iterator, context: grpc.ServicerContext) -> bytes:
-        received = bytearray(total)
-        offset = 0
-        for message in request_iterator:
-            received[offset : offset + len(message)] = message
-            offset += len(message)
-        return str(offset).encode()
+        return str(receive_into(new_buffer(total), request_iterator)).encode()
 
     credentials = grpc.ssl_server_credentials([((kit / "server.key").read_bytes(), (kit / "server.crt").read_bytes())],
                                               root_certificates=(kit / "ca.crt").read_bytes(), require_client_auth=True)
@@ -83,12 +97,7 @@ def client(kit: Path, config: FederationConfig, megabytes: float, address: str) 
         up = channel.stream_unary(f"/{SERVICE}/Up")
 
         def receive() -> int:
-            received = bytearray(total)
-            offset = 0
-            for message in down(b"", timeout=600):
-                received[offset : offset + len(message)] = message
-                offset += len(message)
-            return offset
+            return receive_into(new_buffer(total), down(b"", timeout=600))
 
         def send() -> int:
             return int(up(iter(chunks), timeout=600))
