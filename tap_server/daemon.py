@@ -82,6 +82,7 @@ class ServerDaemon:
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.federation: Federation | None = None
+        self.servicer: FederationServicer | None = None
 
     def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -118,7 +119,7 @@ class ServerDaemon:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
                              options=channel_options(self.config) + [NO_PORT_SHARING],
                              maximum_concurrent_rpcs=workers * 4)
-        servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
+        servicer = self.servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
