@@ -12,7 +12,7 @@ real daemon, servicer, agent, codec, validation and aggregation run; only these 
   real component names (so every silo's layout, selection and weights are the real ones);
 - agent: a round's "training" returns the downloaded values unchanged (no optimizer step),
   and stage 2 evaluates the untouched model (the synthetic values do not fit it);
-- both: a JSON line per event (download/upload start and end, round closed) with
+- both: a JSON line per event (download/upload start and end, update submitted, round closed) with
   ``time.monotonic()`` (one clock for every process of the machine) and the process's
   peak RSS since the previous event of the same kind (``/proc/self/clear_refs``);
 - agent, with ``--gate``: after downloading round *r* it waits for the file
@@ -126,7 +126,7 @@ def install_server_hooks(megabytes: float, events: EventLog) -> None:
     SyntheticModel.megabytes = megabytes
     federation_module.TapModel = SyntheticModel  # type: ignore[misc,assignment]
     federation = federation_module.Federation
-    original_start, original_close = federation._start, federation._close_round
+    original_start, original_close, original_submit = federation._start, federation._close_round, federation.submit_update
 
     def start(self) -> None:
         original_start(self)
@@ -139,7 +139,13 @@ def install_server_hooks(megabytes: float, events: EventLog) -> None:
         events.write("round_closed", reset_peak=True, round=round_index, close_start=started,
                      close_seconds=time.monotonic() - started)
 
+    def submit_update(self, update) -> None:
+        events.write("submit_start", round=update.round, silo=update.silo)
+        original_submit(self, update)
+        events.write("submit_end", round=update.round, silo=update.silo)
+
     federation._start = start  # type: ignore[method-assign]
+    federation.submit_update = submit_update  # type: ignore[method-assign]
     federation._close_round = close_round  # type: ignore[method-assign]
 
 
