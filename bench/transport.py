@@ -164,6 +164,10 @@ def wait_for(condition, what: str, watched: list[subprocess.Popen], fed: Federat
         time.sleep(0.05)
 
 
+def has_event(fed: Federation, process: str, event: str, round_index: int) -> bool:
+    return any(e["event"] == event and e["round"] == round_index for e in fed.events(process))
+
+
 def measure(fed: Federation) -> list[dict[str, Any]]:
     """Run the federation and its raw twin round by round; one record per round."""
     prepare(fed)
@@ -172,20 +176,14 @@ def measure(fed: Federation) -> list[dict[str, Any]]:
     watched = [server, *agents]
     rows = []
     for round_index in range(1, fed.rounds + 1):
-        def all_waiting() -> bool:
-            return all(any(e["event"] == "waiting" and e["round"] == round_index for e in fed.events(s)) for s in fed.silos)
-
-        wait_for(all_waiting, f"round {round_index}'s downloads", watched, fed)
+        wait_for(lambda r=round_index: all(has_event(fed, s, "waiting", r) for s in fed.silos),
+                 f"round {round_index}'s downloads", watched, fed)
         raw_down = raw_phase(raw_clients, "down")
         raw_up = raw_phase(raw_clients, "up")
         (fed.root / "gate" / f"round-{round_index}").write_text("go")
-
-        def closed() -> bool:
-            return (any(e["event"] == "round_closed" and e["round"] == round_index for e in fed.events("server"))
-                    and all(any(e["event"] == "upload_end" and e["round"] == round_index for e in fed.events(s))
-                            for s in fed.silos))
-
-        wait_for(closed, f"round {round_index} to close", watched, fed)
+        wait_for(lambda r=round_index: (has_event(fed, "server", "round_closed", r)
+                                        and all(has_event(fed, s, "upload_end", r) for s in fed.silos)),
+                 f"round {round_index} to close", watched, fed)
         rows.append(round_record(fed, round_index, raw_down, raw_up))
         show_round(fed, rows[-1])
     for client in raw_clients:

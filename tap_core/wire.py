@@ -36,7 +36,7 @@ from tap_core.wire_dtype import WIRE_TORCH_DTYPES
 from tap_core.wire_format import Buffer, Piece, crc32, frame_message, header_field, parse_frame, piece_parts
 
 DTYPE_TO_PROTO = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16, "fp16": pb.FLOAT16}
-PROTO_TO_DTYPE = {v: k for k, v in DTYPE_TO_PROTO.items()}
+PROTO_TO_DTYPE: dict[int, str] = {int(v): k for k, v in DTYPE_TO_PROTO.items()}
 GRPC_MESSAGE_PREFIX = 5  # gRPC length-prefixed message framing, per message
 FRAMING_ALLOWANCE = 1 << 20  # bytes of headers and framing a stream may add beyond 2x its tensors
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -234,17 +234,17 @@ class StreamDecoder:
         """One frame: a received message (bytes, read without copying its tensor data) or a protobuf message."""
         message = frame_bytes(frame)
         self.wire_bytes += len(message) + GRPC_MESSAGE_PREFIX
-        frame = parse_frame(message)
-        if frame.header is not None:
+        parsed = parse_frame(message)
+        if parsed.header is not None:
             if self.header is not None:
                 self._fail("malformed", "a second stream header")
-            self._start(frame.header)
+            self._start(parsed.header)
         elif self.header is None:
             self._fail("malformed", "the first frame carries no stream header")
         if self.wire_bytes > 2 * self.limit + FRAMING_ALLOWANCE:
             # empty or tiny frames cost nothing in payload: bound the stream itself, not just its tensors
             self._fail("oversize", f"{self.wire_bytes} bytes of frames for {self.limit} bytes of tensors")
-        for piece in frame.pieces:
+        for piece in parsed.pieces:
             self._piece(piece)
 
     def _piece(self, piece: Piece) -> None:

@@ -196,7 +196,7 @@ class FederationServicer(pb_grpc.FederationServicer):
             started = time.perf_counter()
             first = next(request_iterator, None)
             header = read_header(first) if first is not None else None
-            if header is None:
+            if first is None or header is None:
                 raise Rejected("malformed", "upload must start with a stream header")
             slot = self.federation.admit_upload(silo, header.round)  # refused before reading megabytes
             stats = parse_stats(header.stats_json)
