@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 
 try:  # ISA-L's CRC-32 (carry-less multiplication): the same checksum as zlib.crc32, ~4x faster
     from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - isal is a dependency; zlib's is the same function, slower
+except ImportError:  # pragma: no cover - isal is the optional `fast` extra; zlib's is the same function, slower
     from zlib import crc32  # noqa: F401
 
 from tap_core.errors import WireError
