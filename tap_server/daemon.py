@@ -17,7 +17,6 @@ from prometheus_client import start_http_server
 
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
-from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import channel_options, split_address
 from tap_server.auth import SiloAuthenticator
 from tap_server.certificates import ServerTLS
@@ -25,7 +24,7 @@ from tap_server.federation import Federation
 from tap_server.federation_api import DONE
 from tap_server.liveness import MtlsSelfCheck, dial_address
 from tap_server.metrics import ServerMetrics
-from tap_server.servicer import FederationServicer
+from tap_server.servicer import FederationServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +82,7 @@ class ServerDaemon:
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.federation: Federation | None = None
+        self.servicer: FederationServicer | None = None
 
     def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -120,8 +120,8 @@ class ServerDaemon:
         server = grpc.server(self._executor,
                              options=channel_options(self.config) + [NO_PORT_SHARING],
                              maximum_concurrent_rpcs=workers * 4)
-        servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
-        pb_grpc.add_FederationServicer_to_server(servicer, server)
+        servicer = self.servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
         self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")

@@ -178,7 +178,7 @@ class Federation:
         s.selected = self._select(s.round, s.attempt)
         s.phase = TRAINING
         self._received = {}
-        self._aggregator = StreamingAggregator()
+        self._aggregator = StreamingAggregator(previous=self._aggregator)
         self._round_started = self._clock()
         self._deadline = self._round_started + self._config.deadlines.round_s
         log.info("round %d/%d: selected %s", s.round, self._config.rounds, ", ".join(s.selected))
