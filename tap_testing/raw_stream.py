@@ -48,7 +48,7 @@ def new_buffer(size: int) -> np.ndarray:
 
 def receive_into(buffer: np.ndarray, messages) -> int:
     """Copy each message into ``buffer`` in turn (one copy: the least a receiver does); returns the bytes."""
-    view = memoryview(buffer)
+    view = memoryview(buffer)  # type: ignore[arg-type]  # numpy arrays export the buffer protocol
     offset = 0
     for message in messages:
         view[offset : offset + len(message)] = message

@@ -182,7 +182,7 @@ def install_agent_hooks(events: EventLog, gate: Path | None) -> None:
 
     agent = agent_module.Agent
     original_download, original_upload = agent.download, agent.upload
-    agent_module.get_algorithm = lambda config: NoOpTraining(config, events, gate)  # type: ignore[assignment]
+    agent_module.get_algorithm = lambda config: NoOpTraining(config, events, gate)  # type: ignore[assignment,return-value]
 
     def download(self, round_index: int, layout: Layout) -> ComponentValues:
         events.write("download_start", reset_peak=True, round=round_index)
