@@ -18,10 +18,12 @@ from prometheus_client import start_http_server
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
-from tap_core.transport import channel_options, split_address
+from tap_core.transport import split_address
 from tap_server.auth import SiloAuthenticator
 from tap_server.federation import Federation
 from tap_server.federation_api import DONE
+from tap_server.intake import SafeRequests
+from tap_server.limits import server_capacity
 from tap_server.metrics import ServerMetrics
 from tap_server.servicer import FederationServicer
 
@@ -114,11 +116,12 @@ class ServerDaemon:
             self.metrics_port = self._http.server_port
         self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
                                      expected_silos=len(self.auth.provisioned))
-        # every silo may hold a worker in a long poll (and one streaming); keep room for uploads beside them
-        workers = max(opts.max_workers, 4 * len(self.auth.provisioned) + 16)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                             options=channel_options(self.config) + [NO_PORT_SHARING],
-                             maximum_concurrent_rpcs=workers * 4)
+        # every provisioned silo may use all of its own call limits at once (tap_server.limits)
+        capacity = server_capacity(self.config, len(self.auth.provisioned), opts.max_workers)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers),
+                             options=capacity.options + [NO_PORT_SHARING],
+                             interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
+                             maximum_concurrent_rpcs=capacity.max_concurrent_rpcs)
         servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
         pb_grpc.add_FederationServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
