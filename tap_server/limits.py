@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import grpc
@@ -143,10 +143,6 @@ class CallLimiter:
     def open_calls(self) -> list[OpenCall]:
         with self._lock:
             return [call for calls in self._open.values() for call in calls]
-
-    def in_progress(self, silo: str, kind: str) -> int:
-        with self._lock:
-            return len(self._open.get((silo, kind), ()))
 
 
 def _limit_key(kind: str) -> str:

@@ -125,7 +125,7 @@ def _labels(count: int, width: int = 1, alphabet_start: int = 0) -> list[str]:
 
 def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
     """Declared label lists that would bloat another silo's task (head, plan, state) are refused to their sender."""
-    config = with_config(config, expected_silos=2, wire=BIG_MESSAGES)
+    config = with_config(config, expected_silos=3, wire=BIG_MESSAGES)
     limits = config.limits
     variants = {
         "labels_list": lambda: declaration_json(dict(IMAGE_TASK, labels=["a", "b", *_labels(labels)]), 5, ["a"]),
@@ -136,13 +136,14 @@ def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: Federa
         "labels_seen_over_limit": lambda: declaration_json(IMAGE_TASK, 5, _labels(limits.max_labels_per_task + 1)),
         "long_labels": lambda: declaration_json(IMAGE_TASK, 5, ["a", "x" * (limits.max_label_chars + 1)]),
     }
-    with running_server(["honest", "bloater", "other"], config) as h:
-        honest, bloater, other = h.connect("honest"), h.connect("bloater"), h.connect("other")
+    with running_server(["honest", "bloater", "other", "third"], config) as h:
+        honest, bloater, other, third = h.connect("honest"), h.connect("bloater"), h.connect("other"), h.connect("third")
         honest.join_task(IMAGE_TASK, 10, ["a", "b"])
         state_before = h.state_bytes()
         verdicts = {name: _refusal(lambda make=make: bloater.join(make())) for name, make in variants.items()}
         state_after = h.state_bytes()
-        other.join_task(TEXT_TASK, 6, ["neg", "pos"])  # the federation starts with the honest silos
+        other.join_task(TEXT_TASK, 6, ["neg", "pos"])
+        third.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"])  # the federation starts with the honest silos
         assignment = honest.poll()
         plan = json.loads(assignment.plan_json or "{}")
         head = [t for t in plan.get("tasks", []) if t["name"] == IMAGE_TASK["name"]]
@@ -172,14 +173,17 @@ def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: Federa
 def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
     """A silo redefining another's task, or holding a task the start cannot build, is refused; the honest ones start."""
     numbers: dict[str, Any] = {}
-    # (a) another silo's task with a conflicting label list: refused at the hostile silo's own join
-    with running_server(["honest-a", "hostile", "honest-b"], with_config(config, expected_silos=2)) as h:
-        a, hostile, b = h.connect("honest-a"), h.connect("hostile"), h.connect("honest-b")
+    # (a) another silo's task with a conflicting label list: refused at the hostile silo's own join, not at the start
+    with running_server(["honest-a", "hostile", "honest-b", "honest-c"], with_config(config, expected_silos=3)) as h:
+        a, hostile, b, c = h.connect("honest-a"), h.connect("hostile"), h.connect("honest-b"), h.connect("honest-c")
         a.join_task(IMAGE_TASK, 10, ["neg", "pos"])
         conflict = _refusal(lambda: hostile.join_task(dict(IMAGE_TASK, labels=["x", "y"]), 10, ["x"]))
-        b_join = _refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"]))
+        honest_joins = [_refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"])),
+                        _refusal(lambda: c.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"]))]
+        honest_ok = all(verdict[0] == "OK" for verdict in honest_joins)
         status = h.daemon.federation.status()
-        numbers["conflicting_labels"] = {"hostile": conflict[:2], "honest_b": b_join[:2], "phase": status.phase,
+        numbers["conflicting_labels"] = {"hostile": conflict[:2], "honest": [v[:2] for v in honest_joins],
+                                         "phase": status.phase,
                                          "joined": list(status.joined)}
     # (b) its own task with one label: the start would fail; the honest last joiner is accepted, the holder refused
     with running_server(["honest-a", "hostile", "honest-b"], with_config(config, expected_silos=3,
@@ -197,12 +201,12 @@ def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
     conflicting, incomplete = numbers["conflicting_labels"], numbers["incomplete_task"]
     return _outcome("attack: start blocking", {
         "a conflicting label list is refused to its sender": conflict[1] == "tasks_conflict",
-        "the honest last silo's join starts the federation": b_join[0] == "OK" and conflicting["phase"] == "training",
-        "the honest silos are the federation": conflicting["joined"] == ["honest-a", "honest-b"],
+        "the honest silos' joins are accepted and start the federation": honest_ok and conflicting["phase"] == "training",
+        "the honest silos are the federation": conflicting["joined"] == ["honest-a", "honest-b", "honest-c"],
         "with a one-label task, the honest last joiner is accepted": last[0] == "OK",
         "the holder of the one-label task is refused when it joins again": rejoin[1] == "tasks_conflict",
         "the honest silos start at the join deadline": started and incomplete["joined"] == ["honest-a", "honest-b"],
-    }, numbers, f"conflicting labels: hostile {conflict[1]}, honest join {b_join[0]}, phase {conflicting['phase']}; "
+    }, numbers, f"conflicting labels: hostile {conflict[1]}, honest joins {'OK' if honest_ok else 'refused'}, phase {conflicting['phase']}; "
                 f"one-label task: honest join {last[0]}, hostile re-join {rejoin[1]}, phase {incomplete['phase']}")
 
 
