@@ -65,12 +65,8 @@ class SiloAuthenticator:
         return silo
 
     def identify(self, context: grpc.ServicerContext) -> str:
-        pem = peer_certificate(context)
+        auth = context.auth_context()
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
         if not pem:
             raise Rejected("no_certificate", "no client certificate: connect with mTLS using the silo kit")
         return self.identify_pem(pem)
-
-
-def peer_certificate(context: grpc.ServicerContext) -> bytes:
-    """The caller's client certificate (PEM) as the TLS layer verified it; empty without one."""
-    return (context.auth_context().get("x509_pem_cert") or [b""])[0]

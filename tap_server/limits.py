@@ -41,6 +41,11 @@ IDENTITY_CHECK_S = 1.0  # how often the watch asks whether the silos with open c
 TRANSPORT_HEADROOM = 4  # the transport takes messages up to this multiple of wire.max_message_bytes (see intake)
 
 
+def peer_certificate(context: grpc.ServicerContext) -> bytes:
+    """The caller's client certificate (PEM) as the TLS layer verified it; empty without one."""
+    return (context.auth_context().get("x509_pem_cert") or [b""])[0]
+
+
 def kind_of(method_name: str) -> str:
     return _METHOD_KIND.get(method_name, "unary")
 

@@ -29,11 +29,11 @@ from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.version import VERSION
 from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, frame_wire_bytes, layout_to_proto
-from tap_server.auth import SiloAuthenticator, peer_certificate
+from tap_server.auth import SiloAuthenticator
 from tap_server.federation import Federation
 from tap_server.federation_api import Assignment, Transfer
 from tap_server.intake import Undecodable, parse_json
-from tap_server.limits import CallEnded, CallLimiter, CallWatch, OpenCall, kind_of
+from tap_server.limits import CallEnded, CallLimiter, CallWatch, OpenCall, kind_of, peer_certificate
 from tap_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
