@@ -3,11 +3,31 @@
 #
 #   scripts/setup.sh          runtime: the package, offline datasets, the MiniLM text encoder
 #   scripts/setup.sh --test   also the test tools (pytest, helm engine, schema validator, promtool, hadolint)
+#   scripts/setup.sh --containers   only the container toolchain (podman, buildah, runc, debootstrap,
+#                                   podman-compose) that deploy/build-local.sh and the `container` tests use
 #
 # Offline data comes from package registries only (no hub downloads at run time):
 # Fashion-MNIST from Debian, easy-VQA / Rotten Tomatoes / TREC / MiniLM from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# --- operations (issue 10): the container toolchain, nothing else -------------------------------------
+if [ "${1:-}" = "--containers" ]; then
+  container_packages=(podman buildah runc debootstrap podman-compose)
+  for pkg in "${container_packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 && continue
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "== apt-get install ${container_packages[*]}"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${container_packages[@]}" >/dev/null
+    else
+      echo "!! please install: sudo apt-get install ${container_packages[*]} (container tests skip without podman)" >&2
+    fi
+    break
+  done
+  exit 0
+fi
+# --- end operations ---
 
 WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1

@@ -24,18 +24,24 @@ def main(log_level: str) -> None:
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG of the results here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes running the silos in parallel [default: as many as the CPU cores allow at --threads "
+                   "each, at most one per silo]. The results do not depend on it.")
 @friendly_errors
-def simulate(report_path: Path | None, plot_path: Path | None, progress: bool, **opts: Any) -> None:
-    """Run the whole federation in one process (same logic as the deployed system)."""
+def simulate(report_path: Path | None, plot_path: Path | None, progress: bool, workers: int | None,
+             **opts: Any) -> None:
+    """Run the whole federation on this machine (same logic as the deployed system)."""
     from tap_cli.progress import FederationProgress
     from tap_cli.simulate import run_simulation
+    from tap_core.silo_pool import default_workers
 
     scenario, config = config_from_options(opts)
+    workers = workers or default_workers(config.train.threads, len(scenario.silos))
     per_round = config.clients_per_round or len(scenario.silos)
     bar = FederationProgress(config.rounds, min(per_round, len(scenario.silos)), len(scenario.silos),
                              f"{config.algorithm}") if progress else None
     try:
-        report = run_simulation(scenario, config, bar)
+        report = run_simulation(scenario, config, bar, workers=workers)
     finally:
         if bar:
             bar.close()

@@ -25,6 +25,8 @@ MODALITIES = ("image", "text")
 ALGORITHMS = ("tap", "tap-nokd", "fedavg", "fedavg-ft", "local")
 REPLACEMENT_MODES = ("validation", "train_loss")
 WIRE_DTYPES = ("fp32", "bf16", "fp16")
+AMP_DTYPES = ("auto", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKBONES = ("flava", "vilt")
 MODEL_SIZES = ("tiny", "small", "base")
 SHARED = "shared"  # the modality / family key of the shared routes
@@ -88,6 +90,7 @@ class ModelSpec:
     tokenizer: str | None = None  # local directory with vocab.txt; default: MiniLM's
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    tower_lora_layers: int | None = None  # LoRA in the top N layers of each modality tower only (None: all)
     fusion_layers: int = 1
     adapter_dim: int = 16
     image_size: int | None = None  # default: the backbone config's image size
@@ -129,10 +132,12 @@ class TrainConfig:
     eval_batch_size: int = 64
     threads: int = 1  # torch threads per training process: results are bitwise reproducible only at a fixed count
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     # Score each silo's current model on its test split after every round (learning curves for studies;
     # reported with the round's stats, never used to decide anything). Costs one test pass per round.
     eval_every_round: bool = False
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    amp_dtype: str = "auto"  # auto: bf16 where the card has it natively, else fp16 with a gradient scaler
+    compile: str = "off"  # torch.compile the forward pass: off | default | reduce-overhead | max-autotune
 
 
 @dataclass(frozen=True)
@@ -387,6 +392,8 @@ def validate_model(spec: ModelSpec, where: str) -> None:
     _check_choice(spec.size, MODEL_SIZES, f"{where}.size")
     _check(spec.lora_rank >= 1, f"{where}.lora_rank", "must be >= 1")
     _check(spec.fusion_layers >= 1, f"{where}.fusion_layers", "must be >= 1")
+    if spec.tower_lora_layers is not None:
+        _check(spec.tower_lora_layers >= 0, f"{where}.tower_lora_layers", "must be >= 0 (or null: every layer)")
     _check(spec.adapter_dim >= 1, f"{where}.adapter_dim", "must be >= 1")
     _check(spec.max_text_len >= 4, f"{where}.max_text_len", "must be >= 4")
     _check(spec.max_target_len >= 2, f"{where}.max_target_len", "must be >= 2")
@@ -405,6 +412,8 @@ def validate_train(cfg: TrainConfig, where: str) -> None:
     _check(cfg.kd_temperature > 0, f"{where}.kd_temperature", "must be > 0")
     _check(0 < cfg.val_fraction < 0.9, f"{where}.val_fraction", "must be in (0, 0.9)")
     _check_choice(cfg.replacement, REPLACEMENT_MODES, f"{where}.replacement")
+    _check_choice(cfg.amp_dtype, AMP_DTYPES, f"{where}.amp_dtype")
+    _check_choice(cfg.compile, COMPILE_MODES, f"{where}.compile")
     _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"{where}.device",
            f"unknown device {cfg.device!r}", "use auto, cpu, cuda or cuda:N")
     for table in ("margins", "kd_weights"):

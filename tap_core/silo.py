@@ -26,7 +26,7 @@ from tap_core.seeding import derive_seed
 from tap_core.training.baselines import trivial_score
 from tap_core.training.batches import TaskTensors, load_tokenizer, to_tensors
 from tap_core.training.metrics import PRIMARY
-from tap_core.training.trainer import Distillation, LrSchedule, PhaseResult, Trainer, warmup_schedule
+from tap_core.training.trainer import Distillation, LrSchedule, PhaseResult, Trainer, autocast_dtype, warmup_schedule
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class SiloState:
         )
 
 
-def frozen_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
-    """bf16 frozen weights under CUDA autocast; unchanged (fp32) elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" and amp else None
+def frozen_dtype(device: torch.device, amp: bool, amp_dtype: str = "auto") -> torch.dtype | None:
+    """Frozen weights in the autocast dtype under CUDA mixed precision; unchanged (fp32) elsewhere."""
+    return autocast_dtype(device, amp, amp_dtype)
 
 
 class SiloRuntime:
@@ -73,7 +73,7 @@ class SiloRuntime:
         self.data = data
         self.config = config
         self.device = device
-        self.backbone = backbone_on(config.model, device, frozen_dtype(device, config.train.amp))
+        self.backbone = backbone_on(config.model, device, frozen_dtype(device, config.train.amp, config.train.amp_dtype))
         self.trainer = Trainer(config.train, device)
         self.state = SiloState()
         self.plan: ModelPlan | None = None

@@ -30,25 +30,37 @@ def main() -> None:
 @click.option("--add-silo", "add", default=None, help="Add one silo to an existing provisioning (needs KITS/ca/ca.key).")
 @click.option("--port", type=int, default=50051, show_default=True, help="Server port, for the silo README.")
 @click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, help="Certificate validity.")
-def provision(out: Path, silos: tuple[str, ...], hosts: tuple[str, ...], add: str | None, port: int, days: int) -> None:
+@click.option("--helm-values", is_flag=True,
+              help="Also write KITS/helm/: a Secret manifest and a Helm values file for the server and each silo.")
+def provision(out: Path, silos: tuple[str, ...], hosts: tuple[str, ...], add: str | None, port: int, days: int,
+              helm_values: bool) -> None:
     """Create the CA, KITS/server and one kit per silo (or add a silo with --add-silo)."""
+    from tap_server import helm_values as helm
     from tap_server.provision import add_silo, provision as run
 
+    address = f"{hosts[0] if hosts else 'SERVER'}:{port}"
     try:
         if add:
-            kit = add_silo(out, add, days, server=f"{hosts[0] if hosts else 'SERVER'}:{port}")
+            kit = add_silo(out, add, days, server=address)
             click.echo(f"added silo {add}: hand over {kit}/ (then SIGHUP the server or let it notice silos.json)")
+            if helm_values:
+                for path in [helm.write_server_secret(out), *helm.write_silo(out, add, address)]:
+                    click.echo(f"wrote {path}")
             return
         if not silos:
             raise click.UsageError("give at least one --silo (or --add-silo)")
         if not hosts:
             raise click.UsageError("give --server-host: the name or IP the silos will dial")
         run(out, list(silos), list(hosts), days=days, port=port)
+        written = helm.write_server(out) + [p for s in silos for p in helm.write_silo(out, s, address)] \
+            if helm_values else []
     except TapError as exc:
         _fail(exc)
     click.echo(f"CA: {out / 'ca'} (keep offline)\nserver kit: {out / 'server'}")
     for silo in silos:
         click.echo(f"silo kit: {out / silo}  (hand over securely; it holds the silo's private key)")
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @main.command()
@@ -63,6 +75,55 @@ def revoke(kit: Path, silo: str) -> None:
     except TapError as exc:
         _fail(exc)
     click.echo(f"revoked {silo}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="The folder of the original provisioning (KITS: holds ca/ca.key, server/ and the silo kits).")
+@click.option("--server", "renew_server", is_flag=True, help="Renew the server certificate.")
+@click.option("--silo", "silos", multiple=True, help="Renew this silo's certificate (repeatable).")
+@click.option("--all-silos", is_flag=True, help="Renew the certificate of every provisioned silo.")
+@click.option("--server-host", "hosts", multiple=True,
+              help="With --server: the names the new certificate is valid for (default: those of the current one).")
+@click.option("--days", type=click.IntRange(min=1), default=365, show_default=True, help="Validity of the new certificates.")
+@click.option("--helm-values", is_flag=True, help="Also rewrite the Secret manifests in KITS/helm/ (kubectl apply them).")
+def rotate(out: Path, renew_server: bool, silos: tuple[str, ...], all_silos: bool, hosts: tuple[str, ...],
+           days: int, helm_values: bool) -> None:
+    """Renew certificates before they expire, while the federation runs (no state or round is lost).
+
+    A running server uses its new certificate from the next TLS handshake on (update its kit Secret first
+    in Kubernetes). A renewed silo's previous certificate stays valid until the agent connects with the
+    new kit, and is refused from then on.
+    """
+    from tap_server import helm_values as helm
+    from tap_server.provision import SiloRegistry
+    from tap_server.rotation import rotate_server, rotate_silo
+
+    if hosts and not renew_server:
+        raise click.UsageError("--server-host only applies with --server")
+    try:
+        names = list(silos)
+        if all_silos:
+            names += sorted(SiloRegistry(out / "server" / "silos.json").load()["silos"])
+        names = list(dict.fromkeys(names))
+        if not renew_server and not names:
+            raise click.UsageError("say what to renew: --server, --silo ID or --all-silos")
+        if renew_server:
+            renewed = rotate_server(out, days, list(hosts) or None)
+            click.echo(f"server: new certificate {renewed.path} (SHA-256 {renewed.sha256[:16]}…, until "
+                       f"{renewed.not_after:%Y-%m-%d}); a running server uses it from its next handshake")
+        for silo in names:
+            renewed = rotate_silo(out, silo, days)
+            click.echo(f"silo {silo}: new kit {renewed.path.parent}/ (SHA-256 {renewed.sha256[:16]}…, until "
+                       f"{renewed.not_after:%Y-%m-%d}); hand it over and restart the agent with it")
+        if helm_values:
+            for path in [helm.write_server_secret(out), *(helm.write_silo_secret(out, s) for s in names)]:
+                click.echo(f"wrote {path} (kubectl apply -f it)")
+    except TapError as exc:
+        _fail(exc)
+    if names:
+        click.echo(f"{out / 'server' / 'silos.json'} changed: update the server's kit (Secret) so it sees the new "
+                   "certificates; each previous one is refused once its successor has connected")
 
 
 @main.command()

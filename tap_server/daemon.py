@@ -20,16 +20,20 @@ from tap_core.errors import ConfigError
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import split_address
 from tap_server.auth import SiloAuthenticator
+from tap_server.certificates import ServerTLS
 from tap_server.federation import Federation
 from tap_server.federation_api import DONE
 from tap_server.intake import SafeRequests
 from tap_server.limits import server_capacity
+from tap_server.liveness import MtlsSelfCheck, dial_address
 from tap_server.metrics import ServerMetrics
 from tap_server.servicer import FederationServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "tap.v1.Federation"
+SERVICE_NAME = "tap.v1.Federation"  # readiness: the state is loaded and silos are accepted
+LIVENESS_SERVICE = ""  # liveness: the mTLS port answers (MtlsSelfCheck)
+RETIRED_CERTIFICATES = "retired-certificates.json"  # in the state dir: rotated-out silo certificates
 # gRPC sets SO_REUSEPORT by default: a second server on the same port would start and silently take half
 # of the connections. One port, one federation.
 NO_PORT_SHARING = ("grpc.so_reuseport", 0)
@@ -45,13 +49,6 @@ def _bind(add_port, where: str) -> int:
     return bound
 
 
-def read_kit_file(kit: Path, name: str) -> bytes:
-    path = kit / name
-    if not path.is_file():
-        raise ConfigError(str(path), "not found", f"--kit must be the server folder written by `tap-server provision` (it holds {name})")
-    return path.read_bytes()
-
-
 @dataclass
 class ServeOptions:
     kit: Path
@@ -62,6 +59,8 @@ class ServeOptions:
     exit_when_done: bool = False
     max_workers: int = 64
     done_grace_s: float = 30.0
+    liveness_interval_s: float | None = 10.0  # None: liveness follows readiness (no mTLS self-check)
+    liveness_timeout_s: float = 5.0
 
 
 class ServerDaemon:
@@ -76,12 +75,13 @@ class ServerDaemon:
         self._servers: list[grpc.Server] = []
         self._http: Any = None  # prometheus_client's WSGI server
         kit = options.kit
-        self._credentials = grpc.ssl_server_credentials(
-            [(read_kit_file(kit, "server.key"), read_kit_file(kit, "server.crt"))],
-            root_certificates=read_kit_file(kit, "ca.crt"),
-            require_client_auth=True,
-        )
-        self.auth = SiloAuthenticator(kit / "silos.json")
+        # server.crt/server.key/ca.crt are re-read when they change (tap-server rotate): no restart needed
+        self.tls = ServerTLS(kit)
+        self._credentials = self.tls.credentials()
+        self.auth = SiloAuthenticator(kit / "silos.json", retired_path=options.state_dir / RETIRED_CERTIFICATES)
+        self.metrics.certificate_days_left.attach(self.tls.expiries)
+        self.metrics.certificate_days_left.attach(self.auth.silo_expiries)
+        self._liveness: MtlsSelfCheck | None = None
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.federation: Federation | None = None
@@ -118,7 +118,8 @@ class ServerDaemon:
                                      expected_silos=len(self.auth.provisioned))
         # every provisioned silo may use all of its own call limits at once (tap_server.limits)
         capacity = server_capacity(self.config, len(self.auth.provisioned), opts.max_workers)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=capacity.workers),
+        self._executor = futures.ThreadPoolExecutor(max_workers=capacity.workers)
+        server = grpc.server(self._executor,
                              options=capacity.options + [NO_PORT_SHARING],
                              interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
                              maximum_concurrent_rpcs=capacity.max_concurrent_rpcs)
@@ -128,11 +129,27 @@ class ServerDaemon:
         self._servers.append(server)
         self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")
         server.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if opts.health_port is not None and opts.liveness_interval_s:
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+            self._liveness = MtlsSelfCheck(dial_address(host, self.port), self.tls, SERVICE_NAME, self._set_liveness,
+                                           opts.liveness_interval_s, opts.liveness_timeout_s).start()
+        else:
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._clock, name="tap-clock", daemon=True).start()
         log.info("serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s", host, self.port,
                  self.health_port or "-", self.metrics_port or "-", opts.state_dir, self.federation.status().phase)
         return self
+
+    def _set_liveness(self, alive: bool) -> None:
+        if not self.stop_event.is_set():
+            self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if alive
+                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def reload_kit(self) -> None:
+        """SIGHUP: re-read silos.json and the TLS files now (both are also re-read when they change)."""
+        self.auth.reload()
+        self.tls.reload()
+        log.info("silos.json and the TLS files reloaded")
 
     def _clock(self) -> None:
         """Deadlines, connected-silo gauge, and the exit once every silo has seen 'done'."""
@@ -159,8 +176,7 @@ class ServerDaemon:
         signal.signal(signal.SIGINT, handle)
         if hasattr(signal, "SIGHUP"):
             def reload(signum, frame):
-                self.auth.reload()
-                log.info("silos.json reloaded")
+                self.reload_kit()
 
             signal.signal(signal.SIGHUP, reload)
 
@@ -170,6 +186,8 @@ class ServerDaemon:
 
     def stop(self, grace: float = 5.0) -> None:
         self.stop_event.set()
+        if self._liveness is not None:
+            self._liveness.stop()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         for event in [server.stop(grace) for server in self._servers]:
             event.wait()

@@ -16,6 +16,7 @@ from tap_core.model.components import component_kind
 
 if TYPE_CHECKING:
     from tap_server.federation_api import Status, Transfer
+from tap_server.certificates import CertificateExpiryCollector
 
 PHASES = ("waiting_for_silos", "training", "aggregating", "finishing", "done")
 
@@ -54,6 +55,8 @@ class ServerMetrics:
         self.state_write_failures = Counter("tap_state_write_failures", "State checkpoints that failed to write.", registry=r)
         self.state_write_seconds = Histogram("tap_state_write_seconds", "Duration of a state checkpoint write.",
                                              buckets=_DURATION_BUCKETS, registry=r)
+        # days left of the server, CA and silo certificates; the daemon attaches the sources
+        self.certificate_days_left = CertificateExpiryCollector(registry=r)
         self.set_phase(PHASES[0])
 
     def set_phase(self, phase: str) -> None:

@@ -138,7 +138,10 @@ class CertificateAuthority:
                 except ValueError:
                     names.append(x509.DNSName(host))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            # clientAuth too: the server's liveness self-check dials its own mTLS port with this certificate
+            # (no silo can use it: silos.json pins each silo's own certificate).
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         return builder.sign(self.key, hashes.SHA256()), key
 
 

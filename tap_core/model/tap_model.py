@@ -108,7 +108,7 @@ class TapModel(nn.Module):
             targets = backbone.tower_lora_targets if rest == "image" else ("query", "value")
             if rest == "text" and backbone.text_tower.kind == "vilt":
                 targets = ()
-            return ModalityEncoder(tower, dim, self.width, targets, rank, alpha)
+            return ModalityEncoder(tower, dim, self.width, targets, rank, alpha, spec.tower_lora_layers)
         if kind == "proj":
             return SharedProjection(self.width)
         if kind in ("mote", "mome"):
@@ -149,12 +149,22 @@ class TapModel(nn.Module):
             tokens["text"] = (h, batch.attention_mask.bool())
         return tokens
 
-    def route(self, h: torch.Tensor, mask: torch.Tensor, modality_side: str, family_side: str, domain: str) -> torch.Tensor:
-        """One path: the mote stage, then the mome stage; returns mean-pooled features (B, D)."""
+    def mote_entry(self, h: torch.Tensor, mask: torch.Tensor, modality_side: str, domain: str) -> torch.Tensor:
+        """The first mote block and its domain adapter: both routes leaving a modality side start with it."""
+        block, adapter = self.part(C.mote(modality_side)), self.part(C.mote_adapter(modality_side, domain))
+        return adapter(block(h, mask, 0))
+
+    def route(self, h: torch.Tensor, mask: torch.Tensor, modality_side: str, family_side: str, domain: str,
+              entered: bool = False) -> torch.Tensor:
+        """One path: the mote stage, then the mome stage; returns mean-pooled features (B, D).
+
+        ``entered``: ``h`` has already passed :meth:`mote_entry` (computed once for the routes that share it).
+        """
         layers = self.spec.fusion_layers
         block, adapter = self.part(C.mote(modality_side)), self.part(C.mote_adapter(modality_side, domain))
         for layer in range(layers):
-            h = adapter(block(h, mask, layer))
+            if not (entered and layer == 0):
+                h = adapter(block(h, mask, layer))
             h = self.part(C.mote_expert(modality_side, family_side, layer))(h)
         block, adapter = self.part(C.mome(family_side)), self.part(C.mome_adapter(family_side, domain))
         for layer in range(layers):
@@ -166,11 +176,15 @@ class TapModel(nn.Module):
     def features(self, task_name: str, batch: Batch) -> torch.Tensor:
         task = self.plan.task(task_name)
         tokens = self.encode(task, batch)
+        entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # modality side -> (mote entry, mask)
         pooled = []
         for modality_side, family_side, reads in C.routing_paths(task):
-            h = torch.cat([tokens[m][0] for m in reads], dim=1)
-            mask = torch.cat([tokens[m][1] for m in reads], dim=1)
-            pooled.append(self.route(h, mask, modality_side, family_side, task.domain))
+            if modality_side not in entries:  # the two routes of a modality side read the same tokens
+                h = torch.cat([tokens[m][0] for m in reads], dim=1) if len(reads) > 1 else tokens[reads[0]][0]
+                mask = torch.cat([tokens[m][1] for m in reads], dim=1) if len(reads) > 1 else tokens[reads[0]][1]
+                entries[modality_side] = (self.mote_entry(h, mask, modality_side, task.domain), mask)
+            h, mask = entries[modality_side]
+            pooled.append(self.route(h, mask, modality_side, family_side, task.domain, entered=True))
         return torch.stack(pooled).mean(0)
 
     def forward(self, task_name: str, batch: Batch, targets_only: bool = False) -> torch.Tensor:

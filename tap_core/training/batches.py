@@ -48,13 +48,15 @@ class SplitTensors:
                 return t.shape[0]
         return 0
 
-    def batch(self, index: torch.Tensor) -> Batch:
+    def batch(self, index: torch.Tensor, trim: bool = True) -> Batch:
+        """The examples at ``index``; ``trim=False`` keeps texts at max_text_len (static shapes for compiled steps)."""
+
         def take(t):
             return None if t is None else t[index]
 
         images = take(self.images)
         input_ids, mask = take(self.input_ids), take(self.attention_mask)
-        if mask is not None:
+        if mask is not None and trim:
             # pad to the longest text in this batch, not to max_text_len: padding is masked everywhere,
             # and short questions then cost a fraction of the compute
             length = max(int(mask.sum(1).max()), 1)
@@ -132,9 +134,8 @@ def to_tensors(task: TaskSpec, data: TaskData, spec: ModelSpec, where: str = "")
     )
 
 
-def sample_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Endless shuffled batches: epochs of a seeded permutation, the last partial batch dropped."""
-    n = len(split)
+def sample_indices(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled example indices: epochs of a seeded permutation, the last partial batch dropped."""
     if n == 0:
         raise DataError("", "cannot train on an empty split")
     size = min(batch_size, n)
@@ -142,11 +143,18 @@ def sample_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[
     while True:
         order = torch.randperm(n, generator=g)
         for start in range(0, n - size + 1, size):
-            yield split.batch(order[start : start + size])
+            yield order[start : start + size]
 
 
-def ordered_batches(split: SplitTensors, batch_size: int, limit: int | None = None) -> Iterator[Batch]:
+def sample_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[Batch]:
+    """Endless shuffled batches (see :func:`sample_indices`)."""
+    for index in sample_indices(len(split), batch_size, seed):
+        yield split.batch(index)
+
+
+def ordered_batches(split: SplitTensors, batch_size: int, limit: int | None = None,
+                    trim: bool = True) -> Iterator[Batch]:
     """The split in order (evaluation), at most ``limit`` examples."""
     n = len(split) if limit is None else min(limit, len(split))
     for start in range(0, n, batch_size):
-        yield split.batch(torch.arange(start, min(start + batch_size, n)))
+        yield split.batch(torch.arange(start, min(start + batch_size, n)), trim)

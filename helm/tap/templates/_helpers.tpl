@@ -67,13 +67,29 @@ app.kubernetes.io/component: client
 tap.federation/silo: {{ .Values.client.siloName | quote }}
 {{- end }}
 
+{{/* repository:tag, or repository:tag@digest when a digest is given (the digest decides what is pulled). */}}
+{{- define "tap.imageRef" -}}
+{{- $ref := printf "%s:%s" .repository .tag }}
+{{- if .digest }}{{ $ref = printf "%s@%s" $ref .digest }}{{ end }}
+{{- $ref }}
+{{- end }}
+
 {{- define "tap.serverImage" -}}
-{{- printf "%s:%s" .Values.server.image.repository (default .Chart.AppVersion .Values.server.image.tag) }}
+{{- $i := .Values.server.image }}
+{{- include "tap.imageRef" (dict "repository" $i.repository "tag" (default .Chart.AppVersion $i.tag) "digest" $i.digest) }}
 {{- end }}
 
 {{- define "tap.clientImage" -}}
-{{- $repo := ternary .Values.client.image.cudaRepository .Values.client.image.repository (gt (int .Values.client.gpu) 0) }}
-{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.client.image.tag) }}
+{{- $i := .Values.client.image }}
+{{- $gpu := gt (int .Values.client.gpu) 0 }}
+{{- include "tap.imageRef" (dict "repository" (ternary $i.cudaRepository $i.repository $gpu)
+      "tag" (default .Chart.AppVersion $i.tag) "digest" (ternary $i.cudaDigest $i.digest $gpu)) }}
+{{- end }}
+
+{{/* The port of client.server (HOST:PORT). */}}
+{{- define "tap.clientServerPort" -}}
+{{- $parts := splitList ":" (required "client.server is required: the federation address HOST:PORT" .Values.client.server) }}
+{{- last $parts | int }}
 {{- end }}
 
 {{- define "tap.serverServiceAccountName" -}}
