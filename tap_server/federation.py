@@ -66,6 +66,8 @@ class Federation:
         self._state = FederationState.new(config, self._fingerprint)
         # the round in progress and liveness: not persisted (a restarted server asks for the uploads again)
         self._received: dict[str, RoundStats] = {}
+        # selected silos whose update this round was refused for its content (reason): the round does not wait on them
+        self._refused: dict[str, str] = {}
         self._aggregator = StreamingAggregator()
         self._last_seen: dict[str, float] = {}
         self._told_done: set[str] = set()
@@ -226,6 +228,7 @@ class Federation:
         s.selected = self._select(s.round, s.attempt)
         s.phase = TRAINING
         self._received = {}
+        self._refused = {}
         self._aggregator = StreamingAggregator()
         self._round_started = self._clock()
         self._deadline = self._round_started + self._config.deadlines.round_s
@@ -315,17 +318,47 @@ class Federation:
             s = self._state
             plan = s.silo_plans[update.silo]
             expected_weights = component_weights(plan, s.declarations[update.silo].train_samples, list(slot.layout))
-            check_update(update, slot.layout, set(plan.components), expected_weights)
-            check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
-            check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio)
+            try:
+                check_update(update, slot.layout, set(plan.components), expected_weights)
+                check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
+                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio)
+            except Rejected as exc:
+                self._refuse_update(update.silo, exc)
+                raise
             self._aggregator.add(update.values, self._round_weights()[update.silo])
             self._received[update.silo] = update.stats
+            self._refused.pop(update.silo, None)  # a valid update after a refused one counts
             s.log.count_payload(update.silo, update.round, "up", update.values, self._config.wire.dtype)
             self._metrics.updates_received.inc()
             log.info("round %d: update from %s (%d/%d)", s.round, update.silo, len(self._received), len(s.selected))
-            if len(self._received) == len(s.selected):
-                self._close_round()
+            self._close_if_complete()
             self._changed.notify_all()
+
+    def _refuse_update(self, silo: str, refusal: Rejected) -> None:
+        """A selected silo's update was refused for what it carries: the round stops waiting for that silo.
+
+        Its agent stops on such a refusal (it is no transient fault), so waiting for it would only hold the
+        others until the round deadline. The round closes once every other selected silo has delivered (and
+        ``min_clients`` updates arrived); until then a valid update of the refused silo is still taken.
+        """
+        s = self._state
+        self._refused[silo] = refusal.reason
+        log.warning("round %d: the update of silo %s was refused (%s); the round no longer waits for it", s.round, silo,
+                    refusal.reason)
+        self._close_if_complete()
+        self._changed.notify_all()
+
+    def _close_if_complete(self) -> None:
+        """Close the round once every selected silo delivered or was refused, and ``min_clients`` updates arrived."""
+        s = self._state
+        if len(self._received) + len(self._refused) < len(s.selected):
+            return
+        if self._refused and len(self._received) < self._config.min_clients:
+            return  # too few updates: the round deadline retries it
+        if self._refused:
+            log.warning("round %d: closing with %d of %d updates (refused: %s)", s.round, len(self._received),
+                        len(s.selected), ", ".join(f"{silo} ({why})" for silo, why in sorted(self._refused.items())))
+        self._close_round()
 
     def _close_round(self) -> None:
         s = self._state
@@ -333,7 +366,8 @@ class Federation:
         started = time.perf_counter()
         s.global_values = self._aggregator.result(s.global_values)
         seconds = time.perf_counter() - started
-        record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds)
+        record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds,
+                                  refused=self._refused)
         self._metrics.round_closed(record, seconds)
         s.attempt = 0
         log.info("round %d aggregated in %.3fs (losses %s)", s.round, seconds,

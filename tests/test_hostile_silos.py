@@ -134,8 +134,8 @@ def test_a_declaration_that_would_make_another_silos_plan_too_large_is_refused(f
 # ------------------------------------------------------------------ robust aggregation
 
 
-def _both_on_one_task(fingerprint, config, samples, metrics=None):
-    federation = Federation(config, expected_silos=2, metrics=metrics)
+def _both_on_one_task(fingerprint, config, samples, metrics=None, clock=None):
+    federation = Federation(config, expected_silos=len(samples), metrics=metrics, **({"clock": clock} if clock else {}))
     for silo, count in samples.items():
         federation.register(declare(fingerprint, silo, TEXT, ["neg", "pos"], count))
     payload = {silo: federation.payload(silo, 1) for silo in samples}
@@ -175,6 +175,67 @@ def test_an_update_far_beyond_the_global_norm_is_refused_and_leaves_no_trace(fin
         federation.submit_update(dataclasses.replace(_update("honest", payload["honest"], payload["honest"].values, 10),
                                                      stats=nan_stats))
     assert info.value.reason == "non_finite" and federation.status().received == ()
+
+
+def _poison(payload):
+    return {c: {n: torch.full_like(t, 1e30) for n, t in ts.items()} for c, ts in payload.values.items()}
+
+
+def _moved(payload, by):
+    return {c: {n: t + by for n, t in ts.items()} for c, ts in payload.values.items()}
+
+
+@pytest.mark.parametrize("poisoner_turn", [0, 1, 2])
+def test_a_refused_update_does_not_hold_the_others_round(fingerprint, poisoner_turn):
+    """The round closes as soon as every other selected silo delivered, on their updates alone, at any turn."""
+    samples = {"honest-a": 10, "honest-b": 30, "poisoner": 1_000_000_000}
+    federation, payload = _both_on_one_task(fingerprint, tiny_config(rounds=1), samples)
+    updates = {"honest-a": _moved(payload["honest-a"], 0.01), "honest-b": _moved(payload["honest-b"], -0.03)}
+    order = ["honest-a", "honest-b"]
+    order.insert(poisoner_turn, "poisoner")
+    for silo in order:
+        if silo == "poisoner":
+            with pytest.raises(Rejected) as info:
+                federation.submit_update(_update(silo, payload[silo], _poison(payload[silo]), samples[silo]))
+            assert info.value.reason == "update_norm"
+        else:
+            assert federation.status().phase == TRAINING  # nothing closed before the last honest update
+            federation.submit_update(_update(silo, payload[silo], updates[silo], samples[silo]))
+    assert federation.status().phase == "finishing"  # closed without waiting for the round deadline
+    after = federation.global_values()
+    for component, tensors in payload["honest-a"].values.items():
+        for name, tensor in tensors.items():  # (10 x +0.01 + 30 x -0.03) / 40 = -0.02
+            assert torch.allclose(after[component][name], tensor - 0.02, atol=1e-6)
+    record = federation.report()["history"][-1]
+    assert record["refused"] == {"poisoner": "update_norm"} and record["dropped"] == ["poisoner"]
+    assert record["received"] == ["honest-a", "honest-b"]
+
+
+def test_a_refused_silo_may_still_deliver_a_valid_update_before_the_round_closes(fingerprint):
+    samples = {"honest": 10, "clumsy": 10}
+    federation, payload = _both_on_one_task(fingerprint, tiny_config(rounds=1), samples)
+    with pytest.raises(Rejected):
+        federation.submit_update(_update("clumsy", payload["clumsy"], _poison(payload["clumsy"]), 10))
+    federation.submit_update(_update("clumsy", payload["clumsy"], _moved(payload["clumsy"], 0.02), 10))
+    assert federation.status().received == ("clumsy",) and federation.status().phase == TRAINING
+    federation.submit_update(_update("honest", payload["honest"], payload["honest"].values, 10))
+    record = federation.report()["history"][-1]
+    assert record["received"] == ["clumsy", "honest"] and "refused" not in record
+
+
+def test_with_too_few_valid_updates_the_round_waits_for_its_deadline_and_is_retried(fingerprint, clock):
+    config = dataclasses.replace(tiny_config(rounds=1), min_clients=2)
+    samples = {"honest": 10, "poisoner": 10}
+    federation, payload = _both_on_one_task(fingerprint, config, samples, clock=clock)
+    federation.submit_update(_update("honest", payload["honest"], payload["honest"].values, 10))
+    with pytest.raises(Rejected):
+        federation.submit_update(_update("poisoner", payload["poisoner"], _poison(payload["poisoner"]), 10))
+    status = federation.status()
+    assert status.phase == TRAINING and status.received == ("honest",)  # 1 < min_clients: not closed early
+    clock.now += config.deadlines.round_s + 1
+    status = federation.tick()
+    assert status.phase == TRAINING and status.round == 1 and status.received == ()  # the round is tried again
+    assert federation.report()["history"] == []
 
 
 def test_results_are_bounded_and_match_the_plan(fingerprint):
