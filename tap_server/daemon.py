@@ -158,6 +158,8 @@ class ServerDaemon:
         assert federation is not None, "start() first"
         while not self.stop_event.wait(0.5):
             try:
+                self.auth.reload()  # a revoked or removed silo is no longer waited for
+                federation.withdraw(set(federation.status().joined) - set(self.auth.provisioned))
                 status = federation.tick()
                 if status.phase == DONE and self.options.exit_when_done:
                     done_since = done_since or time.monotonic()

@@ -68,6 +68,8 @@ class Federation:
         self._received: dict[str, RoundStats] = {}
         # selected silos whose update this round was refused for its content (reason): the round does not wait on them
         self._refused: dict[str, str] = {}
+        # silos whose certificate was revoked (or removed from silos.json) since they joined: nobody waits for them
+        self._withdrawn: set[str] = set()
         self._aggregator = StreamingAggregator()
         self._last_seen: dict[str, float] = {}
         self._told_done: set[str] = set()
@@ -215,7 +217,7 @@ class Federation:
         self._begin_round()
 
     def _select(self, round_index: int, attempt: int) -> list[str]:
-        silos = sorted(self._state.declarations)
+        silos = sorted(set(self._state.declarations) - self._withdrawn)
         k = self._config.clients_per_round
         if k is None or k >= len(silos):
             return silos
@@ -343,7 +345,7 @@ class Federation:
         """
         s = self._state
         self._refused[silo] = refusal.reason
-        log.warning("round %d: the update of silo %s was refused (%s); the round no longer waits for it", s.round, silo,
+        log.warning("round %d: silo %s is out of the round (%s); the round no longer waits for it", s.round, silo,
                     refusal.reason)
         self._close_if_complete()
         self._changed.notify_all()
@@ -394,10 +396,49 @@ class Federation:
             s.results[result.silo] = result
             self._metrics.result_received(result)
             log.info("silo %s reported results (%d/%d)", result.silo, len(s.results), len(s.declarations))
-            if len(s.results) == len(s.declarations):
+            if self._all_results_in():
                 self._finish()
             else:
                 self._persist(with_values=False)
+            self._changed_now()
+
+    def _all_results_in(self) -> bool:
+        missing = set(self._state.declarations) - set(self._state.results) - self._withdrawn
+        if missing:
+            return False
+        gone = sorted(set(self._state.declarations) - set(self._state.results))
+        if gone:
+            log.warning("finishing without results of withdrawn silos %s", ", ".join(gone))
+            self._state.log.drop_at_finish(gone)
+        return True
+
+    def withdraw(self, silos: set[str]) -> None:
+        """The silos that are no longer provisioned (revoked, removed): the federation stops waiting for them.
+
+        Called by the daemon with every silo of the federation missing from silos.json (the whole set each
+        time; one that is provisioned again is waited for again). Before the start a withdrawn silo's
+        declaration is removed; in a round it counts as refused (the round closes once the others delivered,
+        ``min_clients`` permitting) and it is not selected again; in the finishing phase the federation
+        finishes once every other silo reported.
+        """
+        with self._lock:
+            s = self._state
+            silos = set(silos) & set(s.declarations)
+            new = silos - self._withdrawn
+            self._withdrawn = silos
+            if not new:
+                return
+            log.warning("silos %s are no longer provisioned: the federation stops waiting for them", ", ".join(sorted(new)))
+            if s.phase == WAITING:
+                for silo in new:
+                    del s.declarations[silo]
+                self._withdrawn -= new
+                self._persist(with_values=False)
+            elif s.phase == TRAINING:
+                for silo in sorted(new & set(s.selected) - set(self._received)):
+                    self._refuse_update(silo, Rejected("revoked", f"silo {silo} is no longer provisioned"))
+            elif s.phase == FINISHING and self._all_results_in():
+                self._finish()
             self._changed_now()
 
     def _finish(self) -> None:

@@ -437,7 +437,8 @@ def malformed_numbers(depth: int = 100_000, config: FederationConfig = TINY_CONF
 
 
 def revocation_ends_streams(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
-    """Revoking a silo ends the calls it has open (here an admitted upload that stalls), not only its next ones."""
+    """Revoking a silo ends the calls it has open (here an admitted upload that stalls), not only its next ones, and
+    the round no longer waits for it."""
     from tap_server.provision import SiloRegistry
 
     config = with_config(config, expected_silos=2, limits={"stream_idle_s": 120.0})
@@ -464,14 +465,25 @@ def revocation_ends_streams(config: FederationConfig = TINY_CONFIG) -> ScenarioO
         open_uploads = h.in_flight("upload")
         honest_ok = _refusal(lambda: honest.stub.Hello(pb.HelloRequest(), timeout=RPC_TIMEOUT))[0]
         counted = h.rejected("revoked")
+        # the honest silo's round is not held for the revoked one (deadlines.round_s is minutes away)
+        honest.download(1)
+        uploaded = time.perf_counter()
+        honest.upload()
+        closed = h.wait_for(lambda: h.daemon.federation.status().phase != "training", timeout=10)
+        closed_s = time.perf_counter() - uploaded
+        history = h.daemon.federation.report()["history"]
     numbers = {"ended_after_s": round(ended_s, 2), "status": code, "details": details[:200], "open_uploads": open_uploads,
-               "revoked_counted": counted, "honest_hello": honest_ok}
+               "revoked_counted": counted, "honest_hello": honest_ok, "round_closed_after_honest_upload_s":
+               round(closed_s, 2) if closed else None, "round_refused": history[-1].get("refused") if history else None}
     return _outcome("attack: revoked silo's open stream", {
         "the open upload ended with PERMISSION_DENIED": code == "PERMISSION_DENIED" and "revoked" in details,
         "within 5 s of the revocation": ended_s < 5,
         "no call of the revoked silo left open": open_uploads == 0,
         "the honest silo is unaffected": honest_ok == "OK",
-    }, numbers, f"revoked silo's stalled upload ended {code} {ended_s:.2f}s after the revocation")
+        "the round closes on the honest update without waiting for the revoked silo":
+            closed and closed_s < 5 and numbers["round_refused"] == {"rogue": "revoked"},
+    }, numbers, f"revoked silo's stalled upload ended {code} {ended_s:.2f}s after the revocation; the round closed "
+                f"{closed_s:.2f}s after the honest upload")
 
 
 ATTACKS: dict[str, Callable[..., ScenarioOutcome]] = {

@@ -143,7 +143,7 @@ def _both_on_one_task(fingerprint, config, samples, metrics=None, clock=None):
 
 
 def _update(silo, payload, values, samples):
-    return ClientUpdate(silo, 1, values, {c: float(samples) for c in payload.layout}, RoundStats())
+    return ClientUpdate(silo, payload.round, values, {c: float(samples) for c in payload.layout}, RoundStats())
 
 
 def test_a_capped_silo_pulls_the_aggregate_only_its_share(fingerprint):
@@ -236,6 +236,41 @@ def test_with_too_few_valid_updates_the_round_waits_for_its_deadline_and_is_retr
     status = federation.tick()
     assert status.phase == TRAINING and status.round == 1 and status.received == ()  # the round is tried again
     assert federation.report()["history"] == []
+
+
+def test_a_revoked_silo_is_not_waited_for_in_a_round_nor_selected_again(fingerprint):
+    samples = {"honest-a": 10, "honest-b": 30, "rogue": 10}
+    federation, payload = _both_on_one_task(fingerprint, tiny_config(rounds=2), samples)
+    for silo in ("honest-a", "honest-b"):
+        federation.submit_update(_update(silo, payload[silo], payload[silo].values, samples[silo]))
+    assert federation.status().round == 1  # waiting for the rogue's update
+    federation.withdraw({"rogue"})
+    status = federation.status()
+    assert status.round == 2 and status.selected == ("honest-a", "honest-b")  # closed at once; not selected again
+    assert federation.report()["history"][-1]["refused"] == {"rogue": "revoked"}
+    federation.withdraw(set())  # provisioned again: selected from the next round on
+    for silo in ("honest-a", "honest-b"):
+        federation.submit_update(_update(silo, federation.payload(silo, 2), federation.payload(silo, 2).values,
+                                         samples[silo]))
+    assert federation.status().phase == "finishing"
+
+
+def test_a_revoked_silo_is_not_waited_for_at_the_finish_nor_before_the_start(fingerprint):
+    samples = {"honest": 10, "rogue": 10}
+    federation, payload = _both_on_one_task(fingerprint, tiny_config(rounds=1), samples)
+    for silo in samples:
+        federation.submit_update(_update(silo, payload[silo], payload[silo].values, samples[silo]))
+    federation.submit_result(SiloResult("honest", [TaskResult("honest", "reviews", "classification", {"a": 0.5}, 0.5)]))
+    assert federation.status().phase == "finishing"
+    federation.withdraw({"rogue"})
+    assert federation.status().phase == "done"
+    assert {"phase": "finish", "silos": ["rogue"]} in federation.report()["dropped"]
+
+    waiting = Federation(tiny_config(), expected_silos=3)
+    for silo in ("honest", "rogue"):
+        waiting.register(declare(fingerprint, silo, TEXT, ["neg", "pos"]))
+    waiting.withdraw({"rogue", "never-joined"})
+    assert waiting.status().joined == ("honest",)
 
 
 def test_results_are_bounded_and_match_the_plan(fingerprint):
