@@ -158,8 +158,7 @@ class ServerDaemon:
         assert federation is not None, "start() first"
         while not self.stop_event.wait(0.5):
             try:
-                self.auth.reload()  # a revoked or removed silo is no longer waited for
-                federation.withdraw(set(federation.status().joined) - set(self.auth.provisioned))
+                self._withdraw_unprovisioned(federation)
                 status = federation.tick()
                 if status.phase == DONE and self.options.exit_when_done:
                     done_since = done_since or time.monotonic()
@@ -168,6 +167,16 @@ class ServerDaemon:
                         self.stop_event.set()
             except Exception:  # e.g. a state write that failed: keep the clock (deadlines, exit) running
                 log.exception("deadline check failed; retrying")
+
+    def _withdraw_unprovisioned(self, federation: Federation) -> None:
+        """Tell the federation which of its silos silos.json no longer lists (revoked, removed): not waited for."""
+        try:
+            self.auth.reload()
+        except ConfigError:
+            return  # a silos.json that does not parse: the calls are refused with the reason; change nothing here
+        provisioned = set(self.auth.provisioned)
+        if provisioned:  # a missing or empty silos.json is a mistake being fixed, not every silo revoked
+            federation.withdraw(set(federation.status().joined) - provisioned)
 
     def install_signal_handlers(self) -> None:
         def handle(signum, frame):
