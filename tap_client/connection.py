@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_SERVER_ERRORS = 5
-_TLS_WORDS = ("handshake", "ssl", "certificate", "tls", "x509")
+MAX_RETRY_DELAY_S = 30.0  # the longest wait between two tries of a call (exponential backoff from 0.5 s)
+# words only a certificate decision puts in gRPC's details (a reset or EOF during a handshake is not one: a server
+# that restarts or dies mid-handshake says "Handshake read failed (recvmsg:Connection reset by peer)")
+_CERTIFICATE_WORDS = ("certificate", "x509", "unknown ca", "alert")
 _GRPC_BUSY = "concurrent rpc limit"  # gRPC's own answer at the server's maximum_concurrent_rpcs
 
 
@@ -154,19 +157,25 @@ class Connection:
                     raise Refused(rejected.reason, f"{what}: {rejected}") from exc
                 log.warning("%s failed (%s); retrying in %.1fs", what, str(rejected)[:200], delay)
                 time.sleep(delay * (0.8 + 0.4 * random.random()))
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     def raise_if_final(self, what: str, rejected: Refused) -> None:
         details = str(rejected)
         if rejected.reason in IDENTITY:
             raise AuthFailure(rejected.reason, f"the server refused silo {self.kit.silo} "
                                                f"({self.kit.directory / 'client.crt'}): {details}")
-        if rejected.reason == "unavailable" and any(w in details.lower() for w in _TLS_WORDS):
+        refusal = None
+        if rejected.reason == "unavailable":
+            refusal = "untrusted" if any(w in details.lower() for w in _CERTIFICATE_WORDS) else self.tls_refusal()
+            if refusal == "hung_up":  # a server killed right after the handshake hangs up too: ask once more
+                time.sleep(1.0)
+                refusal = self.tls_refusal()
+        if refusal == "untrusted":
             raise AuthFailure("bad_certificate", (
                 f"TLS handshake with {self.server} failed: {details.strip()[:300]}. Either the server's certificate is "
                 f"not signed by {self.kit.directory / 'ca.crt'} (wrong kit or wrong server address), or the server does "
                 f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)"))
-        if rejected.reason == "unavailable" and self.server_hung_up_after_handshake():
+        if refusal == "hung_up":
             raise AuthFailure("bad_certificate", (
                 f"the server at {self.server} completed the TLS handshake and then closed the connection at once: it does "
                 f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
@@ -174,16 +183,15 @@ class Connection:
         if rejected.reason not in TRANSIENT:  # e.g. too big (the server's size check or gRPC's limit) stays too big
             raise Refused(rejected.reason, f"{what}: {details}")
 
-    def server_hung_up_after_handshake(self, timeout: float = 5.0) -> bool:
-        """Did the server refuse our client certificate? (gRPC cannot tell: it reports "Socket closed".)
+    def tls_refusal(self, timeout: float = 5.0) -> str | None:
+        """Did the server refuse TLS with this kit for good? (gRPC cannot tell: it reports UNAVAILABLE.)
 
-        With TLS 1.3 the client's side of the handshake completes before the server
-        checks the client certificate; a server that rejects it just closes the
-        connection, which gRPC reports as a retryable UNAVAILABLE. So try a handshake
-        of our own: a server that proved it holds a certificate of our CA and then
-        hangs up without a single byte (a gRPC server sends its HTTP/2 settings at
-        once) refused us. Anything else (no connection, timeout, a proxy that drops
-        the handshake) is treated as transient.
+        So try a handshake of our own: "untrusted" when the server's certificate does not verify against the
+        kit's CA or the server answers the handshake with a certificate alert; "hung_up" when it completes the
+        handshake and closes the connection without a single byte (with TLS 1.3 the client's side completes
+        before the server checks the client certificate; a gRPC server sends its HTTP/2 settings at once):
+        it refused our certificate. None when it works, or the server cannot be reached or goes away
+        mid-handshake (a restart, a proxy that drops the connection): transient.
         """
         try:
             host, port = split_address(self.server)
@@ -191,10 +199,18 @@ class Connection:
             context.load_cert_chain(self.kit.directory / "client.crt", self.kit.directory / "client.key")
             context.set_alpn_protocols(["h2"])
             with socket.create_connection((host, port), timeout=timeout) as raw:
-                with context.wrap_socket(raw, server_hostname=self.server_name or host) as tls:
+                try:
+                    tls = context.wrap_socket(raw, server_hostname=self.server_name or host)
+                except ssl.SSLCertVerificationError:
+                    return "untrusted"
+                except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                    return None  # the peer went away mid-handshake: a dying or restarting server
+                except ssl.SSLError as exc:
+                    return "untrusted" if any(w in str(exc).lower() for w in _CERTIFICATE_WORDS) else None
+                with tls:
                     try:
-                        return tls.recv(1) == b""
+                        return "hung_up" if tls.recv(1) == b"" else None
                     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-                        return True  # an alert or a reset right after a completed handshake
-        except (OSError, ValueError, ConfigError):  # ssl.SSLError is an OSError: the handshake itself failed
-            return False
+                        return "hung_up"  # an alert or a reset right after a completed handshake
+        except (OSError, ValueError, ConfigError):  # no connection, a timeout, a reset: transient
+            return None

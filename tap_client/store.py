@@ -15,9 +15,10 @@ re-sends the saved update instead of training twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from safetensors import safe_open
 
@@ -30,10 +31,22 @@ from tap_core.store import CheckpointStore, atomic_save_tensors, atomic_write_js
 FINAL_MODEL = "final_model.safetensors"
 
 
+@contextlib.contextmanager
+def _writing(directory: Path, what: str) -> Iterator[None]:
+    """A failed write (disk full, read-only volume) becomes a clear error; the previous files are intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise TapError(f"cannot write {what} in the agent's state dir {directory} ({exc.strerror or exc}); the "
+                       "previous state there is intact: free space or make the directory writable, then start the "
+                       "agent again (it resumes from that state)") from exc
+
+
 class ClientStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        with _writing(self.directory, "anything"):
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.silo = CheckpointStore(self.directory, "silo")
         self.update = CheckpointStore(self.directory, "update")
 
@@ -50,12 +63,15 @@ class ClientStore:
             return
         if any(self.directory.iterdir()):
             raise TapError(f"state dir {self.directory} is not empty and was not written by tap-client; use another --state")
-        atomic_write_json(marker, {"federation_id": federation_id, "silo": silo_id})
+        with _writing(self.directory, "federation.json"):
+            atomic_write_json(marker, {"federation_id": federation_id, "silo": silo_id})
 
     # personal model + histories
 
     def save_silo(self, silo_id: str, state: SiloState, personal: ComponentValues | None, round_index: int) -> None:
-        self.silo.save({"silo": silo_id, "state": state.to_json(), "round": round_index}, personal, tag=f"r{round_index}")
+        with _writing(self.directory, "the personal model"):
+            self.silo.save({"silo": silo_id, "state": state.to_json(), "round": round_index}, personal,
+                           tag=f"r{round_index}")
 
     def load_silo(self) -> tuple[str, SiloState, ComponentValues | None] | None:
         if not self.silo.exists():
@@ -67,7 +83,8 @@ class ClientStore:
 
     def save_update(self, update: ClientUpdate) -> None:
         meta = {"silo": update.silo, "round": update.round, "weights": update.weights, "stats": update.stats.to_json()}
-        self.update.save(meta, update.values, tag=f"r{update.round}")
+        with _writing(self.directory, f"the update of round {update.round}"):
+            self.update.save(meta, update.values, tag=f"r{update.round}")
 
     def load_update(self, silo_id: str, round_index: int) -> ClientUpdate | None:
         if not self.update.exists():
@@ -82,9 +99,10 @@ class ClientStore:
     # stage 2
 
     def save_results(self, result: SiloResult, final_values: ComponentValues, metadata: dict[str, Any]) -> None:
-        atomic_save_tensors(self.directory / FINAL_MODEL, final_values,
-                            metadata={"tap": json.dumps(metadata, sort_keys=True)})
-        atomic_write_json(self.directory / "results.json", result.to_json())
+        with _writing(self.directory, "the final model and results"):
+            atomic_save_tensors(self.directory / FINAL_MODEL, final_values,
+                                metadata={"tap": json.dumps(metadata, sort_keys=True)})
+            atomic_write_json(self.directory / "results.json", result.to_json())
 
     def load_results(self) -> SiloResult | None:
         path = self.directory / "results.json"

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tap_core.errors import TapError
+from tap_core.errors import ConfigError, TapError
 from tap_core.model.tap_model import ComponentValues
 
 R = TypeVar("R", bound="JsonRecord")
@@ -81,7 +84,12 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 def atomic_save_tensors(path: Path, values: ComponentValues, metadata: dict[str, str] | None = None) -> None:
     with atomic_file(path) as tmp:
-        save_file(flatten(values), tmp, metadata=metadata)
+        try:
+            save_file(flatten(values), tmp, metadata=metadata)
+        except SafetensorError as exc:  # an I/O failure (a full disk) is a SafetensorError, not an OSError
+            found = re.search(r"os error (\d+)", str(exc))
+            code = int(found.group(1)) if found else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def load_tensors(path: Path) -> ComponentValues:
@@ -102,6 +110,16 @@ class CheckpointStore:
     def exists(self) -> bool:
         return self.json_path.is_file()
 
+    def check_writable(self) -> None:
+        """Refuse now, saying why, a directory no checkpoint could be written to (ConfigError)."""
+        probe = self.directory / f".{self.name}.write-test"
+        try:
+            atomic_write_bytes(probe, b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(str(self.directory), f"cannot write there ({exc.strerror or exc})",
+                              "give a directory this user can write, on a volume mounted read-write with free space") from exc
+
     def save(self, state: dict[str, Any], values: ComponentValues | None, tag: str) -> None:
         """Write tensors (if given) under a new file, then the JSON pointing at it."""
         previous = self._tensor_file(self.load_json()) if self.exists() else None
@@ -115,6 +133,16 @@ class CheckpointStore:
         atomic_write_json(self.json_path, state)
         if previous and previous != state.get("tensor_file"):
             (self.directory / previous).unlink(missing_ok=True)
+        self._remove_leftovers(keep=state.get("tensor_file"))
+
+    def _remove_leftovers(self, keep: str | None) -> None:
+        """What a writer killed mid-checkpoint left behind: its temp files, and a tensor file no JSON points at
+        (written just before the kill). Without this each crash would leave up to a whole model on disk."""
+        for path in self.directory.glob(f".{self.name}*.tmp"):
+            path.unlink(missing_ok=True)
+        for path in self.directory.glob(f"{self.name}-*.safetensors"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
 
     def load_json(self) -> dict[str, Any]:
         try:

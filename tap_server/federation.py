@@ -15,11 +15,12 @@ Phases: waiting_for_silos -> training (round 1..R) -> finishing -> done.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from tap_core.algorithms import algorithm_class, travelling_components
 from tap_core.config import FederationConfig, SiloSpec, plan_bytes_limit, to_mapping
@@ -42,6 +43,8 @@ from tap_server.validation import check_declaration, check_result, check_stats, 
 
 log = logging.getLogger(__name__)
 
+UNSAVED_LOG_INTERVAL_S = 30.0  # a state write failing again and again is logged this often, not at every retry
+
 
 class Federation:
     def __init__(
@@ -60,6 +63,8 @@ class Federation:
         self._expected_silos = config.expected_silos or expected_silos
         self._fingerprint = build_backbone(config.model).fingerprint
         self._store = CheckpointStore(Path(state_dir), "state") if state_dir else None
+        if self._store is not None:
+            self._store.check_writable()  # an unwritable --state is refused now, not at the first join
         self._report_path = Path(state_dir) / "report.json" if state_dir else None
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -78,6 +83,12 @@ class Federation:
         self._weights: tuple[tuple[int, int], dict[str, dict[str, float]]] = ((-1, -1), {})
         self._round_started = self._clock()
         self._deadline = self._round_started + config.deadlines.join_s
+        # a state write that failed (disk full, read-only volume): why, and what the next write must include.
+        # Until a write succeeds nothing derived from the unsaved state is handed out (a silo is never told what
+        # a restart would forget) and tick() tries again.
+        self._unsaved: str | None = None
+        self._unsaved_values = False
+        self._unsaved_logged = -math.inf
         if self._store is not None and self._store.exists():
             self._resume(self._store)
         self._metrics.publish(self._status())
@@ -266,6 +277,8 @@ class Federation:
             s = self._state
             if silo not in s.declarations:
                 return Assignment("wait", message=NOT_JOINED)
+            if self._unsaved is not None:
+                return Assignment("wait", s.round, message="the server cannot write its state; waiting")
             plan = s.silo_plans.get(silo)
             if s.phase == TRAINING and silo in s.selected and silo not in self._received:
                 return Assignment("train", s.round, plan=plan, layout=self._travelling(silo))
@@ -290,6 +303,8 @@ class Federation:
     def payload(self, silo: str, round_index: int) -> Payload:
         """Current global values of the silo's travelling components, for ``round_index`` (or the final model)."""
         with self._lock:
+            if self._unsaved is not None:
+                raise Rejected("unavailable", self._unsaved)
             current = self.assignment(silo)
             if current.action not in ("train", "finish") or current.round != round_index:
                 raise Rejected("future_round" if round_index > self._state.round else "stale_round",
@@ -445,9 +460,16 @@ class Federation:
         self._state.phase = DONE
         self._persist(with_values=False)
         report = self._report()
-        if self._report_path is not None:
-            atomic_write_json(self._report_path, report)
+        self._write_report(report)
         log.info("federation done: mean primary %s", report["mean_primary"])
+
+    def _write_report(self, report: dict[str, Any]) -> None:
+        if self._report_path is None:
+            return
+        try:
+            atomic_write_json(self._report_path, report)
+        except OSError as exc:  # the state (results included) is saved: tick() or a restart writes the report
+            self._write_failed(exc)
 
     # ------------------------------------------------------------ deadlines
 
@@ -455,19 +477,23 @@ class Federation:
         """Apply deadlines (called periodically by the daemon; simulate never needs it); returns the status."""
         with self._lock:
             s = self._state
-            if self._clock() >= self._deadline:
+            if self._unsaved is not None and not self._save_again():
+                pass  # no deadline applies while nothing new can be saved: silos are waiting for the disk, not late
+            elif self._clock() >= self._deadline:
                 if s.phase == WAITING and len(s.declarations) >= self._config.min_clients:
                     log.warning("join deadline passed with %d silos: starting without the others", len(s.declarations))
                     # each attempt that cannot start removes the holders of incomplete tasks: try with the others
                     while len(s.declarations) >= self._config.min_clients and not self._start_if_complete(joiner=None):
                         pass
                 elif s.phase == TRAINING and len(self._received) >= self._config.min_clients:
-                    log.warning("round %d deadline: closing with %d of %d updates", s.round, len(self._received),
-                                len(s.selected))
+                    log.warning("round %d deadline: closing with %d of %d updates (none from %s)", s.round,
+                                len(self._received), len(s.selected),
+                                ", ".join(sorted(set(s.selected) - set(self._received))))
                     self._close_round()
                 elif s.phase == TRAINING:
-                    log.warning("round %d deadline: only %d updates (< min_clients %d); retrying the round",
-                                s.round, len(self._received), self._config.min_clients)
+                    log.warning("round %d deadline: only %d updates (< min_clients %d; none from %s); retrying the round",
+                                s.round, len(self._received), self._config.min_clients,
+                                ", ".join(sorted(set(s.selected) - set(self._received))))
                     self._metrics.clients_dropped.inc(len(set(s.selected) - set(self._received)))
                     s.round -= 1
                     s.attempt += 1
@@ -530,17 +556,55 @@ class Federation:
         self._changed.notify_all()
 
     def _persist(self, with_values: bool) -> None:
+        """Write the state (with the global values when they changed since the last tensor file).
+
+        A failed write leaves the previous checkpoint on disk (``CheckpointStore``) and the federation unsaved:
+        the caller gets a retryable ``unavailable`` refusal, silos are told to wait, and :meth:`tick` writes
+        again until it works. Nothing is lost: what silos sent is in memory, and a restart resumes the last
+        checkpoint, which is all any silo was ever told.
+        """
         if self._store is None:
             return
+        self._unsaved_values |= with_values
         started = time.perf_counter()
         try:
-            self._state.save(self._store, with_values)
+            self._state.save(self._store, self._unsaved_values)
         except OSError as exc:
-            self._metrics.state_write_failures.inc()
-            log.error("state write failed: %s", exc)
-            raise
+            self._write_failed(exc)
+        self._unsaved_values = False
         self._metrics.state_writes.inc()
         self._metrics.state_write_seconds.observe(time.perf_counter() - started)
+
+    def _write_failed(self, exc: OSError) -> NoReturn:
+        assert self._store is not None
+        self._metrics.state_write_failures.inc()
+        self._unsaved = (f"the server cannot write its state in {self._store.directory} ({exc.strerror or exc}); "
+                         "it keeps its last checkpoint and waits: free space on the volume or make it writable, "
+                         "and the federation carries on by itself")
+        now = self._clock()
+        if now - self._unsaved_logged >= UNSAVED_LOG_INTERVAL_S:
+            self._unsaved_logged = now
+            log.error("state write failed: %s (%s)", self._unsaved, exc)
+        raise Rejected("unavailable", self._unsaved) from exc
+
+    def _save_again(self) -> bool:
+        """Retry a failed state write; once it works the silos are told what they were waiting for."""
+        try:
+            self._persist(with_values=False)  # the values too, if the failed write had them
+            if self._state.phase == DONE and self._report_path is not None and not self._report_path.exists():
+                self._write_report(self._report())
+        except Rejected:
+            return False
+        self._unsaved, self._unsaved_logged = None, -math.inf
+        log.warning("state written again after a failed write; the federation carries on")
+        # the silos could not work while the state was unsaved: their deadline starts now
+        self._round_started = self._clock()
+        if self._state.phase == TRAINING:
+            self._deadline = self._round_started + self._config.deadlines.round_s
+        elif self._state.phase == FINISHING:
+            self._deadline = self._round_started + self._config.deadlines.finish_s
+        self._changed_now()
+        return True
 
     def _resume(self, store: CheckpointStore) -> None:
         s = self._state = FederationState.load(store, self._config, self._fingerprint)
@@ -550,6 +614,8 @@ class Federation:
             self._deadline = self._round_started + self._config.deadlines.round_s
         elif s.phase == FINISHING:
             self._deadline = self._clock() + self._config.deadlines.finish_s
+        elif s.phase == DONE and self._report_path is not None and not self._report_path.exists():
+            self._write_report(self._report())  # the server stopped before it could write the report
         log.info("resumed from %s: phase %s, round %d", store.json_path, s.phase, s.round)
 
 
