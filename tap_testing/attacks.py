@@ -10,6 +10,7 @@ runs them at small sizes; ``bench/faults.py`` at the sizes of the issue.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import threading
@@ -96,7 +97,7 @@ def poll_flood(polls: int = 300, probes: int = 20, connections: int = 1,
         health = _health(h)
         for future in flood:
             future.cancel()
-    numbers = {"polls": polls, "connections": connections, "honest_calls": len(latencies),
+    numbers: dict[str, Any] = {"polls": polls, "connections": connections, "honest_calls": len(latencies),
                "honest_failures": len(failures), "honest_p50_s": round(statistics.median(latencies), 4),
                "honest_max_s": round(max(latencies), 4), "flood_refused": refused, "flood_refused_streams": refused_streams,
                "flood_held": held,
@@ -115,6 +116,10 @@ def poll_flood(polls: int = 300, probes: int = 20, connections: int = 1,
 
 
 # ----------------------------------------------------------- 2. unbounded label lists
+
+
+def _join_with(silo: Silo, make: Callable[[], str]) -> Any:
+    return silo.join(make())
 
 
 def _labels(count: int, width: int = 1, alphabet_start: int = 0) -> list[str]:
@@ -140,7 +145,7 @@ def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: Federa
         honest, bloater, other, third = h.connect("honest"), h.connect("bloater"), h.connect("other"), h.connect("third")
         honest.join_task(IMAGE_TASK, 10, ["a", "b"])
         state_before = h.state_bytes()
-        verdicts = {name: _refusal(lambda make=make: bloater.join(make())) for name, make in variants.items()}
+        verdicts = {name: _refusal(functools.partial(_join_with, bloater, make)) for name, make in variants.items()}
         state_after = h.state_bytes()
         other.join_task(TEXT_TASK, 6, ["neg", "pos"])
         third.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"])  # the federation starts with the honest silos
@@ -149,9 +154,9 @@ def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: Federa
         head = [t for t in plan.get("tasks", []) if t["name"] == IMAGE_TASK["name"]]
         honest.download(1)
         payload = sum(t.numel() * 4 for tensors in honest.values.values() for t in tensors.values())
-        phase = h.daemon.federation.status().phase
-    numbers = {name: {"status": status, "reason": reason, "seconds": round(seconds, 3)}
-               for name, (status, reason, seconds) in verdicts.items()}
+        phase = h.federation.status().phase
+    numbers: dict[str, Any] = {name: {"status": status, "reason": reason, "seconds": round(seconds, 3)}
+                               for name, (status, reason, seconds) in verdicts.items()}
     numbers.update({"state_growth_bytes": state_after - state_before,
                     "honest_head_labels": len(head[0]["labels"]) if head else None, "honest_round_payload_bytes": payload,
                     "phase": phase})
@@ -181,7 +186,7 @@ def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
         honest_joins = [_refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"])),
                         _refusal(lambda: c.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"]))]
         honest_ok = all(verdict[0] == "OK" for verdict in honest_joins)
-        status = h.daemon.federation.status()
+        status = h.federation.status()
         numbers["conflicting_labels"] = {"hostile": conflict[:2], "honest": [v[:2] for v in honest_joins],
                                          "phase": status.phase,
                                          "joined": list(status.joined)}
@@ -194,8 +199,8 @@ def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
         hostile_first = _refusal(lambda: hostile.join_task(lonely, 10, ["only"]))
         last = _refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"]))
         rejoin = _refusal(lambda: hostile.join_task(lonely, 10, ["only"]))
-        started = h.wait_for(lambda: h.daemon.federation.status().phase == "training", timeout=10)
-        status = h.daemon.federation.status()
+        started = h.wait_for(lambda: h.federation.status().phase == "training", timeout=10)
+        status = h.federation.status()
         numbers["incomplete_task"] = {"hostile_join": hostile_first[:2], "honest_last_join": last[:2],
                                       "hostile_rejoin": rejoin[:2], "phase": status.phase, "joined": list(status.joined)}
     conflicting, incomplete = numbers["conflicting_labels"], numbers["incomplete_task"]
@@ -238,8 +243,8 @@ def poisoning(config: FederationConfig = TINY_CONFIG, max_weight_share: float = 
         refused = _refusal(lambda: poisoner.upload(filled(poisoner.values, 1e30)))
         trained = shifted(honest.values, 0.01)
         honest.upload(trained)
-        closed = h.wait_for(lambda: h.daemon.federation.status().phase == "finishing", timeout=10)
-        after = h.daemon.federation.global_values()
+        closed = h.wait_for(lambda: h.federation.status().phase == "finishing", timeout=10)
+        after = h.federation.global_values()
         error = max(float((after[c][n] - t).abs().max()) for c, ts in trained.items() for n, t in ts.items())
         numbers["gross"] = {"poison": refused[:2], "round_closed": closed, "max_abs_global": max(
             float(t.abs().max()) for ts in after.values() for t in ts.values()), "max_diff_from_honest": error}
@@ -255,8 +260,8 @@ def poisoning(config: FederationConfig = TINY_CONFIG, max_weight_share: float = 
             poison = shifted(poisoner.values, 0.05)  # well within 10 x the global norm
             poisoner.upload(poison)
             honest.upload(honest.values)
-            h.wait_for(lambda: h.daemon.federation.status().phase == "finishing", timeout=10)
-            after = h.daemon.federation.global_values()
+            h.wait_for(lambda: h.federation.status().phase == "finishing", timeout=10)
+            after = h.federation.global_values()
             shares[str(share)] = round(_pull(after, honest.values, poison, set(honest.layout)), 4)
             numbers["weights_capped_total"] = h.daemon.metrics.registry.get_sample_value("tap_weights_capped_total")
     numbers["poisoner_share"] = shares
@@ -373,7 +378,7 @@ def unbounded_strings(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome
         done = h.wait_for(lambda: (h.state_dir / "report.json").exists(), timeout=10)
         report_bytes = (h.state_dir / "report.json").stat().st_size if done else None
         state_bytes = (h.state_dir / "state.json").stat().st_size
-    numbers = {name: {"status": status, "reason": reason} for name, (status, reason, _) in verdicts.items()}
+    numbers: dict[str, Any] = {name: {"status": status, "reason": reason} for name, (status, reason, _) in verdicts.items()}
     numbers.update({"report_json_bytes": report_bytes, "state_json_bytes": state_bytes})
     return _outcome("attack: unbounded strings", {
         **{f"{name} refused": status in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
@@ -403,11 +408,11 @@ def malformed_numbers(depth: int = 100_000, config: FederationConfig = TINY_CONF
             "nested": "[" * depth + "]" * depth,
             "nested_in_object": '{"tasks": ' + "[" * depth + "]" * depth + "}",
         }
-        verdicts = {f"join_{name}": _refusal(lambda text=text: hostile.join(text)) for name, text in texts.items()}
+        verdicts = {f"join_{name}": _refusal(functools.partial(hostile.join, text)) for name, text in texts.items()}
         results = {name: text for name, text in texts.items() if name != "10**400"}
         results["1e400"] = '{"tasks": [], "seconds": 1e400}'
-        verdicts.update({f"results_{name}": _refusal(
-            lambda text=text: hostile.stub.ReportResults(pb.ResultsRequest(results_json=text), timeout=RPC_TIMEOUT))
+        verdicts.update({f"results_{name}": _refusal(functools.partial(
+            hostile.stub.ReportResults, pb.ResultsRequest(results_json=text), timeout=RPC_TIMEOUT))
             for name, text in results.items()})
         raw = hostile.channel.unary_unary("/tap.v1.Federation/Join", request_serializer=None, response_deserializer=None)
         verdicts["join_not_protobuf"] = _refusal(lambda: raw(b"\xff\xff\xff\xff\x0f", timeout=RPC_TIMEOUT))
@@ -420,8 +425,8 @@ def malformed_numbers(depth: int = 100_000, config: FederationConfig = TINY_CONF
         pad = json.dumps({"pad": "x" * (config.wire.max_message_bytes + 1024)})
         verdicts["frame_over_max_message_bytes"] = _refusal(lambda: hostile.upload(stats_json=pad))
         internal = h.rejected("internal")
-        status = h.daemon.federation.status()
-    numbers = {name: {"status": s, "reason": r} for name, (s, r, _) in verdicts.items()}
+        status = h.federation.status()
+    numbers: dict[str, Any] = {name: {"status": s, "reason": r} for name, (s, r, _) in verdicts.items()}
     numbers.update({"internal_errors": internal, "received": list(status.received)})
     expected = {name: ("RESOURCE_EXHAUSTED", "oversize") if name == "frame_over_max_message_bytes"
                 else ("INVALID_ARGUMENT", "malformed") for name in verdicts}
@@ -469,9 +474,9 @@ def revocation_ends_streams(config: FederationConfig = TINY_CONFIG) -> ScenarioO
         honest.download(1)
         uploaded = time.perf_counter()
         honest.upload()
-        closed = h.wait_for(lambda: h.daemon.federation.status().phase != "training", timeout=10)
+        closed = h.wait_for(lambda: h.federation.status().phase != "training", timeout=10)
         closed_s = time.perf_counter() - uploaded
-        history = h.daemon.federation.report()["history"]
+        history = h.federation.report()["history"]
     numbers = {"ended_after_s": round(ended_s, 2), "status": code, "details": details[:200], "open_uploads": open_uploads,
                "revoked_counted": counted, "honest_hello": honest_ok, "round_closed_after_honest_upload_s":
                round(closed_s, 2) if closed else None, "round_refused": history[-1].get("refused") if history else None}

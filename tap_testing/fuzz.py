@@ -29,13 +29,14 @@ from typing import Any, Callable
 
 import grpc
 import torch
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from tap_core.config import FederationConfig, TaskSpec
 from tap_core.errors import WireError
+from tap_core.layout import Layout
 from tap_core.messages import SiloDeclaration
 from tap_core.model.tap_model import ComponentValues
 from tap_core.proto.tap.v1 import federation_pb2 as pb
@@ -113,18 +114,18 @@ def _mutated(draw: Callable, value: Any, depth: int = 0) -> Any:
     if isinstance(value, list) and value and depth < 6:
         index = draw(st.integers(0, len(value) - 1))
         op = draw(st.sampled_from(["descend", "replace", "delete", "duplicate", "blow_up"]))
-        out = list(value)
+        items = list(value)
         if op == "descend":
-            out[index] = _mutated(draw, value[index], depth + 1)
+            items[index] = _mutated(draw, value[index], depth + 1)
         elif op == "replace":
-            out[index] = draw(JSON_VALUES)
+            items[index] = draw(JSON_VALUES)
         elif op == "delete":
-            del out[index]
+            del items[index]
         elif op == "duplicate":
-            out.append(value[index])
+            items.append(value[index])
         else:
-            out[index] = _blown_up(draw, value[index])
-        return out
+            items[index] = _blown_up(draw, value[index])
+        return items
     return draw(st.one_of(JSON_VALUES, st.sampled_from([float("inf"), float("nan"), -1, 0, 2 ** 64, 1e308, "", "é" * 300])))
 
 
@@ -169,7 +170,7 @@ REQUEST_FIELDS = {  # well-formed messages with extreme field values
 }
 
 
-def message_bytes(valid: pb.Message, max_bytes: int) -> st.SearchStrategy[bytes]:
+def message_bytes(valid: Message, max_bytes: int) -> st.SearchStrategy[bytes]:
     """Serialised requests: well-formed with extreme fields; the valid one with bytes flipped, cut or appended;
     random bytes; over-size."""
     fields = REQUEST_FIELDS[type(valid).__name__]
@@ -263,7 +264,7 @@ class Target:
         self.config = config
         self.federation = Federation(config, expected_silos=1000 if phase == "waiting" else 2)
         self.metrics = ServerMetrics()
-        self.servicer = FederationServicer(config, self.federation, FakeAuth(), self.metrics)
+        self.servicer = FederationServicer(config, self.federation, FakeAuth(), self.metrics)  # type: ignore[arg-type]
         self.submitted: list[ComponentValues] = []
         submit = self.federation.submit_update
 
@@ -301,8 +302,8 @@ class Target:
         for component, tensors in current.items():
             holders = [silo for silo in ("alpha", "beta") if component in self.honest[silo]]
             total = sum(weights[s] for s in holders)
-            out[component] = {name: (sum(self.honest[s][component][name].double() * weights[s] for s in holders) / total)
-                              .float() for name in tensors}
+            out[component] = {name: torch.stack([self.honest[s][component][name].double() * weights[s] for s in holders])
+                              .sum(0).div(total).float() for name in tensors}
         return out
 
     def round_fingerprint(self) -> tuple:
@@ -354,7 +355,7 @@ def _run(strategy: st.SearchStrategy, case: Callable[[Any], None], cases: int, s
 
 def fuzz_codec(counts: FuzzCounts, cases: int, seed: int) -> None:
     """The decoder on mutated streams (only WireError may come out), and encode -> decode round trips."""
-    target_layout = {"c0": [("w", (3, 5)), ("b", (5,))], "c1": [("x", (70,))]}
+    target_layout: Layout = {"c0": [("w", (3, 5)), ("b", (5,))], "c1": [("x", (70,))]}
     values = {"c0": {"w": torch.randn(3, 5), "b": torch.randn(5)}, "c1": {"x": torch.randn(70)}}
     valid = [f.SerializeToString() for f in encode_stream(values, target_layout, "fp32", 128, StreamInfo(1))]
 
@@ -706,18 +707,18 @@ def fuzz_over_grpc(counts: FuzzCounts, cases: int, seed: int, config: Federation
 
         def upload_case(frames: list[bytes]) -> None:
             nonlocal accepted
-            before = h.daemon.federation.status().received
+            before = h.federation.status().received
             status = _grpc_case(counts, "Upload", lambda: upload(iter(frames), timeout=15))
             if status == "OK":
                 accepted = True
-            elif h.daemon.federation.status().received != before:
+            elif h.federation.status().received != before:
                 counts.fail("aggregate_corruptions", "Upload", f"a refused upload ({status}) over gRPC changed the round")
 
         _run(uploads(), upload_case, cases, rng.randrange(2 ** 31))
         if not accepted:
             alpha.upload(honest)
         beta.upload()
-        after = h.daemon.federation.global_values()
+        after = h.federation.global_values()
         for component, tensors in alpha.values.items():
             for name in tensors:
                 shared = component in beta.layout

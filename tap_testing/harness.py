@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import grpc
 import torch
@@ -27,6 +27,9 @@ from tap_core.model.tap_model import ComponentValues
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, layout_from_proto
+
+if TYPE_CHECKING:
+    from tap_server.federation import Federation
 
 RPC_TIMEOUT = 15.0
 
@@ -156,6 +159,12 @@ class Harness:
         """``tap_rejected_requests_total{reason}``."""
         return self.daemon.metrics.registry.get_sample_value("tap_rejected_requests_total", {"reason": reason}) or 0.0
 
+    @property
+    def federation(self) -> Federation:
+        """The server's federation (started)."""
+        assert self.daemon.federation is not None
+        return self.daemon.federation
+
     def in_flight(self, kind: str) -> float:
         return self.daemon.metrics.registry.get_sample_value("tap_calls_in_flight", {"kind": kind}) or 0.0
 
@@ -187,12 +196,14 @@ def running_server(silos: list[str], config: FederationConfig = TINY_CONFIG, **o
             harness.close()
 
 
-def with_config(config: FederationConfig = TINY_CONFIG, **sections: dict[str, Any]) -> FederationConfig:
-    """``config`` with fields of its sections replaced, e.g. ``with_config(limits={"stream_idle_s": 1})``."""
-    changes = {}
+def with_config(config: FederationConfig = TINY_CONFIG, **sections: Any) -> FederationConfig:
+    """``config`` with fields of its sections replaced, e.g. ``with_config(limits={"stream_idle_s": 1})``
+    (a field that is no section, e.g. ``expected_silos=3``, is set as it is)."""
+    changes: dict[str, Any] = {}
     for name, values in sections.items():
         current = getattr(config, name)
-        changes[name] = dataclasses.replace(current, **values) if dataclasses.is_dataclass(current) else values
+        is_section = dataclasses.is_dataclass(current) and not isinstance(current, type)
+        changes[name] = dataclasses.replace(current, **values) if is_section else values
     return dataclasses.replace(config, **changes)
 
 
