@@ -9,7 +9,7 @@ dtype: trainable bytes of the silo's components, bytes of the encoded streams
 ratio to 2 x trainable bytes (the issue's budget: <= 1.05).
 
 Part 2 — throughput over loopback with mTLS: the project's codec
-(``encode_stream``/``StreamDecoder``) carried by gRPC, against a raw gRPC stream
+(``encode_frames``/``StreamDecoder``, serialised frames both ways) carried by gRPC, against a raw gRPC stream
 of pre-built byte chunks of the same size (the roadmap asks for >= 0.7x).
 """
 
@@ -28,9 +28,8 @@ from tap_core.config import ModelSpec, WireConfig
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ModelPlan, TapModel
 from tap_core.plan import silo_plan, united_tasks
-from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.scenario import load_scenario
-from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, frame_wire_bytes
+from tap_core.wire import StreamDecoder, StreamInfo, encode_frames, frame_wire_bytes
 from tap_core.layout import payload_bytes
 from tap_cli.compose import MODEL_PRESETS
 from tap_core.messages import SiloDeclaration
@@ -56,9 +55,9 @@ def efficiency(presets: list[str], dtypes: list[str], chunk: int) -> None:
                 model = TapModel(plan, backbone, seed=0)
                 values, layout = model.values(), model.layout()
                 trainable = payload_bytes(values, dtype)
-                down = sum(frame_wire_bytes(f) for f in encode_stream(values, layout, dtype, chunk, StreamInfo(1)))
+                down = sum(frame_wire_bytes(f) for f in encode_frames(values, layout, dtype, chunk, StreamInfo(1)))
                 stats = '{"task_losses": {"t": 0.5}, "replacements": []}'
-                up = sum(frame_wire_bytes(f) for f in encode_stream(values, layout, dtype, chunk,
+                up = sum(frame_wire_bytes(f) for f in encode_frames(values, layout, dtype, chunk,
                                                                       StreamInfo(1, stats, {c: 100.0 for c in layout})))
                 print(f"{preset:<7} {dtype:<5} {silo:<11} {trainable / 1e6:>12.3f} {(down + up) / 1e6:>18.3f} "
                       f"{(down + up) / (2 * trainable):>11.4f}")
@@ -101,7 +100,7 @@ def transfer(megabytes: int, chunk: int, dtype: str, server_creds, client_creds)
     options = [("grpc.max_receive_message_length", chunk + (1 << 20)), ("grpc.max_send_message_length", chunk + (1 << 20))]
 
     def codec_stream(request, context):
-        yield from (f.SerializeToString() for f in encode_stream(values, layout, dtype, chunk, StreamInfo(1)))
+        yield from encode_frames(values, layout, dtype, chunk, StreamInfo(1))
 
     def raw_stream(request, context):
         yield from raw_chunks
@@ -124,7 +123,7 @@ def transfer(megabytes: int, chunk: int, dtype: str, server_creds, client_creds)
                 started = time.perf_counter()
                 decoder = StreamDecoder(layout, dtype)
                 for message in codec(b"", timeout=600):
-                    decoder.feed(pb.TensorFrame.FromString(message))
+                    decoder.feed(message)
                 decoder.finish()
                 return nbytes / (time.perf_counter() - started) / 1e6
 

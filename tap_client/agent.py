@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-
 from tap_core.algorithms import get_algorithm
 from tap_core.config import FederationConfig, SiloSpec, from_mapping, merge, validate_federation
 from tap_core.errors import MOVED_ON, WireError
+from tap_core.finite import all_finite
 from tap_core.layout import Layout
 from tap_core.messages import NOT_JOINED, ClientUpdate
 from tap_core.model.tap_model import ComponentValues
@@ -33,7 +32,7 @@ from tap_core.runtime import configure_threads, load_silo_data
 from tap_core.silo import SiloRuntime
 from tap_core.training.trainer import select_device
 from tap_core.version import VERSION
-from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, layout_from_proto
+from tap_core.wire import StreamDecoder, StreamInfo, encode_frames, layout_from_proto
 from tap_client.connection import Connection, Refused, load_kit
 from tap_client.export import final_model_metadata
 from tap_client.metrics import ClientMetrics
@@ -237,7 +236,7 @@ class Agent:
             values = decoder.finish()
             for component, tensors in values.items():
                 for name, tensor in tensors.items():
-                    if not bool(torch.isfinite(tensor).all()):
+                    if not all_finite(tensor):
                         raise WireError("non_finite", f"server sent non-finite values in {component}/{name}")
             return values
 
@@ -248,7 +247,7 @@ class Agent:
         info = StreamInfo(update.round, json.dumps(update.stats.to_json()), update.weights)
 
         def send(stub):
-            frames = encode_stream(update.values, layout, cfg.dtype, cfg.chunk_bytes, info)
+            frames = encode_frames(update.values, layout, cfg.dtype, cfg.chunk_bytes, info)
             return stub.Upload(frames, timeout=STREAM_TIMEOUT_S)
 
         with tolerate_moved_on(f"upload of round {update.round}"):

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from tap_core.config import FederationConfig
 from tap_core.errors import IDENTITY, REASON_METADATA_KEY, REASON_STATUS, TRANSIENT, ConfigError, Rejected
 from tap_core.errors import reason_for_status
+from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import channel_options, split_address
 
@@ -48,6 +49,22 @@ class Refused(Rejected):
 
 class AuthFailure(Refused):
     """The server or the TLS layer refused this silo's identity: retrying will not help."""
+
+
+class FederationStub(pb_grpc.FederationStub):
+    """The generated stub, except that tensor frames cross gRPC as serialised bytes (the wire is unchanged).
+
+    ``Download`` yields each frame unparsed, for ``StreamDecoder`` to read without copying its
+    tensor data; ``Upload`` takes frames already serialised (``wire.encode_frames``).
+    """
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        self.Download = channel.unary_stream("/tap.v1.Federation/Download",
+                                             request_serializer=pb.DownloadRequest.SerializeToString,
+                                             response_deserializer=None, _registered_method=True)
+        self.Upload = channel.stream_unary("/tap.v1.Federation/Upload", request_serializer=None,
+                                           response_deserializer=pb.UploadAck.FromString, _registered_method=True)
 
 
 def rejection(exc: grpc.RpcError) -> Refused:
@@ -128,7 +145,7 @@ class Connection:
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
         self.channel = grpc.secure_channel(self.server, credentials, options=options)
-        self.stub = pb_grpc.FederationStub(self.channel)
+        self.stub = FederationStub(self.channel)
 
     def close(self) -> None:
         if self.channel is not None:

@@ -17,7 +17,6 @@ from prometheus_client import start_http_server
 
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
-from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.transport import split_address
 from tap_server.auth import SiloAuthenticator
 from tap_server.certificates import ServerTLS
@@ -27,7 +26,7 @@ from tap_server.intake import SafeRequests
 from tap_server.limits import server_capacity
 from tap_server.liveness import MtlsSelfCheck, dial_address
 from tap_server.metrics import ServerMetrics
-from tap_server.servicer import FederationServicer
+from tap_server.servicer import FederationServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,7 @@ class ServerDaemon:
         self.health = health.HealthServicer()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.federation: Federation | None = None
+        self.servicer: FederationServicer | None = None
 
     def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -123,8 +123,8 @@ class ServerDaemon:
                              options=capacity.options + [NO_PORT_SHARING],
                              interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
                              maximum_concurrent_rpcs=capacity.max_concurrent_rpcs)
-        servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
-        pb_grpc.add_FederationServicer_to_server(servicer, server)
+        servicer = self.servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
+        add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
         self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")

@@ -242,7 +242,7 @@ class Federation:
         s.phase = TRAINING
         self._received = {}
         self._refused = {}
-        self._aggregator = StreamingAggregator()
+        self._aggregator = StreamingAggregator(previous=self._aggregator)
         self._round_started = self._clock()
         self._deadline = self._round_started + self._config.deadlines.round_s
         log.info("round %d/%d: selected %s", s.round, self._config.rounds, ", ".join(s.selected))

@@ -40,11 +40,16 @@ class Undecodable:
         return Rejected(self.reason, self.message)
 
 
-def safe_deserializer(parse: Callable[[bytes], Any], max_bytes: int) -> Callable[[bytes], Any]:
+def safe_deserializer(parse: Callable[[bytes], Any] | None, max_bytes: int) -> Callable[[bytes], Any]:
+    """``parse`` bounded in size and refusing instead of raising; ``None`` (a method that receives its
+    messages as bytes, e.g. Upload's frames, parsed later by ``StreamDecoder``) passes them on unparsed."""
+
     def deserialize(data: bytes) -> Any:
         if len(data) > max_bytes:
             return Undecodable("oversize", f"a message of {len(data)} bytes, at most {max_bytes} "
                                            "(wire.max_message_bytes)")
+        if parse is None:
+            return data
         try:
             return parse(data)
         except (DecodeError, ValueError, RuntimeError) as exc:  # RuntimeError: protobuf's recursion limit

@@ -28,8 +28,10 @@ from tap_core.plan import plan_to_json
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_core.version import VERSION
-from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, frame_wire_bytes, layout_to_proto
+from tap_core.layout import layout_bytes
+from tap_core.wire import StreamDecoder, StreamInfo, frame_wire_bytes, layout_to_proto, read_header
 from tap_server.auth import SiloAuthenticator
+from tap_server.download_frames import DownloadFrames
 from tap_server.federation import Federation
 from tap_server.federation_api import Assignment, Transfer
 from tap_server.intake import Undecodable, parse_json
@@ -38,6 +40,7 @@ from tap_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name  # tap.v1.Federation
 MAX_POLL_S = 30.0
 ACTIONS = {"wait": pb.Assignment.WAIT, "train": pb.Assignment.TRAIN, "finish": pb.Assignment.FINISH,
            "done": pb.Assignment.DONE}
@@ -150,6 +153,32 @@ def assignment_to_proto(assignment: Assignment) -> pb.Assignment:
     return response
 
 
+def add_to_server(servicer: "FederationServicer", server: grpc.Server) -> None:
+    """Register the service as generated, except that tensor frames cross gRPC as serialised bytes.
+
+    ``Download`` yields the frames' bytes as built (no serialiser: gRPC sends them as they are)
+    and ``Upload`` receives each frame unparsed (no deserialiser): ``StreamDecoder`` reads it
+    without copying its tensor data, and a frame that is no valid message is refused with
+    ``malformed`` like any other bad frame. On the wire nothing changes: these are the
+    ``TensorFrame`` messages of federation.proto.
+    """
+
+    handlers: dict[str, Any] = {}
+
+    class Capture:  # takes the generated handler table in place of a server
+        def add_generic_rpc_handlers(self, generic_handlers) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, table: dict[str, Any]) -> None:
+            handlers.update(table)
+
+    pb_grpc.add_FederationServicer_to_server(servicer, Capture())
+    handlers["Download"] = handlers["Download"]._replace(response_serializer=None)
+    handlers["Upload"] = handlers["Upload"]._replace(request_deserializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class FederationServicer(pb_grpc.FederationServicer):
     def __init__(self, config: FederationConfig, federation: Federation, auth: SiloAuthenticator,
                  metrics: ServerMetrics, max_concurrent_uploads: int | None = None):
@@ -163,6 +192,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.watch = CallWatch(self.calls, auth.identify_pem)
         # uploads being decoded, all silos together: taken only once the federation admitted the upload
         self._uploads = threading.BoundedSemaphore(max_concurrent_uploads or config.limits.concurrent_uploads)
+        self.frames = DownloadFrames(config.wire.dtype, config.wire.chunk_bytes)
 
     # -- RPCs ---------------------------------------------------------------
 
@@ -192,27 +222,27 @@ class FederationServicer(pb_grpc.FederationServicer):
         return assignment_to_proto(self.federation.wait_for_assignment(silo, max(0.0, min(request.wait_s, MAX_POLL_S))))
 
     @guarded
-    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.TensorFrame]:
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """Serialised frames (see :func:`add_to_server`), built once per round and component (``DownloadFrames``)."""
         silo = self.auth.identify(context)
         payload = self.federation.payload(silo, request.round)
         started = time.perf_counter()
-        wire = sent = 0
-        for frame in encode_stream(payload.values, payload.layout, self.config.wire.dtype, self.config.wire.chunk_bytes,
-                                   StreamInfo(payload.round)):
+        wire = 0
+        for frame in self.frames.stream(payload.values, payload.layout, StreamInfo(payload.round)):
             wire += frame_wire_bytes(frame)
-            sent += sum(len(p.data) for p in frame.pieces)
             yield frame
-        self.federation.record_transfer(Transfer(silo, payload.round, payload.direction, sent, wire,
+        self.federation.record_transfer(Transfer(silo, payload.round, payload.direction,
+                                                 layout_bytes(payload.layout, self.config.wire.dtype), wire,
                                                  time.perf_counter() - started, payload.layout))
 
     @guarded
-    def Upload(self, request_iterator: Iterator[pb.TensorFrame], context: grpc.ServicerContext) -> pb.UploadAck:
+    def Upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadAck:
         silo = self.auth.identify(context)
         started = time.perf_counter()
         first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+        header = read_header(first) if first is not None else None
+        if first is None or header is None:
             raise Rejected("malformed", "upload must start with a stream header")
-        header = first.header
         slot = self.federation.admit_upload(silo, header.round)  # refused before reading megabytes or taking a slot
         stats = parse_stats(header.stats_json, self.limits.max_stats_bytes)
         with self._upload_slot():

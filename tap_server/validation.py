@@ -14,6 +14,7 @@ import torch
 
 from tap_core.config import LimitsConfig, validate_task
 from tap_core.errors import ConfigError, Rejected
+from tap_core.finite import all_finite
 from tap_core.layout import Layout
 from tap_core.messages import ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model.tap_model import ComponentValues
@@ -48,7 +49,7 @@ def check_update(update: ClientUpdate, expected: Layout, owned: set[str], expect
                 raise Rejected("wrong_shape", f"{component}/{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
             if not tensor.is_floating_point():
                 raise Rejected("wrong_dtype", f"{component}/{name}: dtype {tensor.dtype} is not floating point")
-            if not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):
                 raise Rejected("non_finite", f"{component}/{name} contains NaN or infinite values")
     for component in expected:
         claimed = update.weights.get(component)

@@ -156,8 +156,8 @@ def install_point(spec: str) -> None:
     elif point == "upload_frame":
         import tap_client.agent as agent
 
-        encode = agent.encode_stream
-        agent.encode_stream = lambda *a, **k: _counting(encode(*a, **k), trigger)
+        encode = agent.encode_frames
+        agent.encode_frames = lambda *a, **k: _counting(encode(*a, **k), trigger)
 
 
 def slow_training(seconds: float) -> None:

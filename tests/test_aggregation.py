@@ -65,3 +65,32 @@ def test_fusion_components_change_in_a_round_and_are_aggregated(joined):
     # the weights are the silos' training samples of the tasks that use the component
     a = next(u for u in uploads if u.silo == "a")
     assert a.weights["proj.shared"] == 2 * 48 and a.weights["head.vqa"] == 48
+
+
+def _old_arithmetic(updates):
+    """What the aggregator computed before its numpy loops: whole-tensor float64 expressions."""
+    total = None
+    for tensor, weight in updates:
+        contribution = tensor.to(torch.float64) * weight
+        total = contribution if total is None else total + contribution
+    return (total / sum(w for _, w in updates)).to(torch.float32)
+
+
+def test_aggregation_is_bitwise_the_float64_expression_and_reuses_the_last_rounds_sums():
+    g = torch.Generator().manual_seed(2)
+    shapes = {"w": (700, 531), "b": (531,), "s": ()}  # more elements than one numpy slice, and a scalar
+    previous = None
+    pointers = []
+    for round_index in range(3):
+        updates = [({"a": {n: torch.randn(s, generator=g) * 100 for n, s in shapes.items()}}, {"a": w})
+                   for w in (3.0, 0.1 * (round_index + 1), 17.0)]
+        aggregator = StreamingAggregator(previous=previous)
+        for values, weights in updates:
+            aggregator.add(values, weights)
+        pointers.append(aggregator._sums["a"]["w"].data_ptr())
+        result = aggregator.result({"a": {n: torch.zeros(s) for n, s in shapes.items()}})
+        for name in shapes:
+            expected = _old_arithmetic([(v["a"][name], w["a"]) for v, w in updates])
+            assert torch.equal(result["a"][name], expected), (round_index, name)
+        previous = aggregator
+    assert pointers[0] == pointers[1] == pointers[2]  # the float64 sums stayed allocated between rounds

@@ -170,6 +170,14 @@ def test_bytes_that_are_no_message_or_too_large_arrive_as_a_refusal():
     assert "wire.max_message_bytes" in str(too_big.rejected())
 
 
+def test_frames_received_as_bytes_are_still_bounded():
+    """Upload has no deserialiser (its frames reach StreamDecoder unparsed): the size bound still holds."""
+    deserialize = safe_deserializer(None, 64)
+    assert deserialize(b"\xff\xff\xff\xff\x0f") == b"\xff\xff\xff\xff\x0f"  # parsed (and refused) by the decoder
+    too_big = deserialize(b"x" * 65)
+    assert isinstance(too_big, Undecodable) and too_big.rejected().reason == "oversize"
+
+
 # ------------------------------------------------------------ robust aggregation
 
 

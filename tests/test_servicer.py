@@ -35,6 +35,7 @@ from helpers import (
 )
 
 from tap_core.errors import REASON_STATUS
+from tap_core.wire import StreamDecoder
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_server.provision import CertificateAuthority, _cert_pem, _key_pem, add_silo
 
@@ -364,5 +365,29 @@ def test_valid_upload_is_accepted_once(kits, tmp_path, serve):
         for name, tensor in initial[component].items():
             assert torch.allclose(after[component][name], tensor + step, atol=1e-6), (component, name)
     assert daemon.federation.report()["history"][0]["silo_losses"]["alpha"] == {"shapes": 1.0}
+    for entry in silos.values():
+        entry["channel"].close()
+
+
+def test_downloads_are_encoded_once_per_round_and_component(kits, tmp_path, serve):
+    """Both silos' round-1 downloads (join_both) share the frames of the components they both hold."""
+    daemon = serve(kits / "server", tmp_path / "state")
+    silos = join_both(daemon, kits)
+    alpha, beta = silos["alpha"], silos["beta"]
+    held = set(alpha["layout"]) | set(beta["layout"])
+    assert set(alpha["layout"]) & set(beta["layout"]) and len(held) < len(alpha["layout"]) + len(beta["layout"])
+    frames = daemon.servicer.frames
+    assert frames.builds == len(held)
+    current = daemon.federation.global_values()
+    for entry in silos.values():
+        for component, tensors in entry["values"].items():
+            for name, tensor in tensors.items():
+                assert torch.equal(tensor, current[component][name])
+    decoder = StreamDecoder(alpha["layout"], GRPC_CONFIG.wire.dtype)  # a retried download: served as built
+    for frame in alpha["stub"].Download(pb.DownloadRequest(round=1), timeout=RPC_TIMEOUT):
+        decoder.feed(frame)
+    assert frames.builds == len(held)
+    for component, tensors in decoder.finish().items():
+        assert all(torch.equal(t, current[component][n]) for n, t in tensors.items())
     for entry in silos.values():
         entry["channel"].close()

@@ -149,15 +149,18 @@ def test_frames_span_tensors_and_hold_many(dtype):
     # only the first piece carries dtype, shape and checksum
     assert big_pieces[0].dtype == DTYPE_TO_PROTO[dtype] and list(big_pieces[0].shape) == [33, 17]
     assert all(p.dtype == 0 and not p.shape and p.crc32 == 0 for p in big_pieces[1:])
-    # big chunks: one frame holds every tensor
+    # big chunks: the header alone, then one frame per component holding all its tensors
     one = encode(dtype=dtype, chunk_bytes=1 << 20)
-    assert len(one) == 1 and len(one[0].pieces) == sum(len(t) for t in LAYOUT.values())
+    assert len(one) == 1 + len(LAYOUT) and not one[0].pieces
+    assert [len(f.pieces) for f in one[1:]] == [len(t) for t in LAYOUT.values()]
     # middle: several tensors per frame, some spanning frames
     mid = encode(dtype=dtype, chunk_bytes=1000)
-    assert 1 < len(mid) < 10 and max(len(f.pieces) for f in mid) > 3
+    assert 1 < len(mid) < 10 and max(len(f.pieces) for f in mid) >= 3
     for frames, chunk in ((small, 7), (one, 1 << 20), (mid, 1000)):
         assert frames[0].HasField("header") and not any(f.HasField("header") for f in frames[1:])
         assert all(sum(len(p.data) for p in f.pieces) <= chunk for f in frames)
+        # a frame never mixes components (the server builds each component's frames once for every silo)
+        assert all(len({p.component for p in f.pieces}) <= 1 for f in frames)
 
 
 def test_header_carries_round_payload_stats_and_weights():
@@ -186,8 +189,8 @@ def test_large_tensor_fills_frames_of_chunk_size():
     values = {"big": {"w": torch.randn(1024, 1100, generator=torch.Generator().manual_seed(1))}}
     chunk = 1 << 20
     frames = encode(values, layout, chunk_bytes=chunk)
-    assert len(frames) == 5  # 4.3 MiB in 1 MiB frames
-    assert all(sum(len(p.data) for p in f.pieces) == chunk for f in frames[:-1])
+    assert len(frames) == 1 + 5  # the header, then 4.3 MiB in 1 MiB frames
+    assert all(sum(len(p.data) for p in f.pieces) == chunk for f in frames[1:-1])
     assert all(f.ByteSize() < chunk + 100 for f in frames)
     assert_bitwise(decode(frames, layout)["big"]["w"], values["big"]["w"])
 
