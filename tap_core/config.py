@@ -158,6 +158,51 @@ class Deadlines:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one silo may hold or send: the server's defences against a hostile or broken silo.
+
+    Every limit, its metric and its log line: docs/operations.md, "Limits and hostile silos".
+    """
+
+    # calls one silo may have in progress, by kind (checked before any slot shared with other silos)
+    polls_per_silo: int = 2
+    downloads_per_silo: int = 2
+    uploads_per_silo: int = 1
+    unary_per_silo: int = 4  # Hello, Join, Heartbeat, ReportResults
+    concurrent_uploads: int = 4  # uploads decoded at once, all silos together (taken once the round is checked)
+    upload_slot_wait_s: float = 60.0  # an admitted upload waits this long for a shared slot, then is told 'busy'
+    streams_per_connection: int = 16  # HTTP/2 streams one connection may have open (more wait at the client)
+    # tensor streams: cut when the peer sends (upload) or takes (download) nothing for stream_idle_s, or after stream_max_s
+    stream_idle_s: float = 60.0
+    stream_max_s: float = 1800.0
+    # what a silo declares at join and reports after stage 2
+    max_tasks: int = 64
+    max_labels_per_task: int = 10_000  # declared `labels:`, labels seen, and the task's labels across the federation
+    max_labels_per_silo: int = 20_000  # all of one silo's tasks together (each label is a row of a head)
+    max_label_chars: int = 200
+    max_name_chars: int = 128  # task, family, domain, metric names; the device string
+    max_metrics_per_task: int = 32
+    max_declaration_bytes: int = 1024 * 1024
+    max_result_bytes: int = 256 * 1024
+    max_stats_bytes: int = 64 * 1024
+    max_train_samples: int = 1_000_000_000
+    # the plan (JSON) a silo receives with its assignment; 0: a quarter of wire.max_message_bytes
+    max_plan_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Robust aggregation: still a weighted sum of per-silo contributions with weights fixed when a round begins."""
+
+    # largest share of a component's total weight (among the round's selected silos holding it) one silo may
+    # have; null: the declared sample counts as they are (TAP's sample-weighted mean)
+    max_weight_share: float | None = None
+    # refuse an update whose change of a component, ||update - global||, exceeds this multiple of the component's
+    # global norm (at least UPDATE_NORM_FLOOR_RMS per element); null: no bound
+    max_update_norm_ratio: float | None = 10.0
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """Everything the server (or ``tap simulate``) needs to run a federation."""
 
@@ -172,6 +217,8 @@ class FederationConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     wire: WireConfig = field(default_factory=WireConfig)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
 
 @dataclass(frozen=True)
@@ -393,6 +440,37 @@ def validate_federation(cfg: FederationConfig, where: str = "federation") -> Non
         _check(getattr(cfg.deadlines, name) > 0, f"{where}.deadlines.{name}", "must be > 0 seconds")
     validate_model(cfg.model, f"{where}.model")
     validate_train(cfg.train, f"{where}.train")
+    validate_limits(cfg.limits, cfg.wire, f"{where}.limits")
+    validate_aggregation(cfg.aggregation, f"{where}.aggregation")
+
+
+def validate_limits(limits: LimitsConfig, wire: WireConfig, where: str) -> None:
+    for f in dataclasses.fields(limits):
+        value = getattr(limits, f.name)
+        if f.name == "max_plan_bytes":
+            _check(value == 0 or 4096 <= value <= wire.max_message_bytes // 2, f"{where}.{f.name}",
+                   f"must be 0 (a quarter of wire.max_message_bytes) or between 4096 and half of wire.max_message_bytes "
+                   f"({wire.max_message_bytes // 2}): the plan travels in one message beside the layout")
+        else:
+            _check(value > 0, f"{where}.{f.name}", "must be > 0")
+    _check(limits.stream_max_s >= limits.stream_idle_s, f"{where}.stream_max_s", "must be >= stream_idle_s")
+    _check(limits.max_labels_per_silo >= limits.max_labels_per_task, f"{where}.max_labels_per_silo",
+           "must be >= max_labels_per_task")
+    _check(limits.streams_per_connection >= 4, f"{where}.streams_per_connection",
+           "must be >= 4 (an agent polls, streams and sends heartbeats on one connection)")
+
+
+def validate_aggregation(cfg: AggregationConfig, where: str) -> None:
+    if cfg.max_weight_share is not None:
+        _check(0 < cfg.max_weight_share <= 1, f"{where}.max_weight_share", "must be in (0, 1], or null for no cap",
+               "e.g. 0.5: no silo outweighs all the others together")
+    if cfg.max_update_norm_ratio is not None:
+        _check(cfg.max_update_norm_ratio > 0, f"{where}.max_update_norm_ratio", "must be > 0, or null for no bound")
+
+
+def plan_bytes_limit(cfg: FederationConfig) -> int:
+    """The largest plan (JSON bytes) a silo may be sent: ``limits.max_plan_bytes``, or a quarter of a message."""
+    return cfg.limits.max_plan_bytes or cfg.wire.max_message_bytes // 4
 
 
 def margin_for(task: TaskSpec, train: TrainConfig) -> float:

@@ -77,10 +77,12 @@ REASON_STATUS: dict[str, str] = {
     "bad_weight": "INVALID_ARGUMENT",
     "bad_stats": "INVALID_ARGUMENT",
     "bad_result": "INVALID_ARGUMENT",
+    "update_norm": "INVALID_ARGUMENT",  # an update that moves a component further than aggregation.max_update_norm_ratio
     "foreign_component": "PERMISSION_DENIED",
     # size and load
     "oversize": "RESOURCE_EXHAUSTED",
     "busy": "RESOURCE_EXHAUSTED",
+    "too_many_calls": "RESOURCE_EXHAUSTED",  # the silo's own limit of calls in progress (limits.*_per_silo)
     # the server failed (not the request)
     "internal": "INTERNAL",
     # gRPC's own failures, as the agent names them
@@ -90,6 +92,9 @@ REASON_STATUS: dict[str, str] = {
     "aborted": "ABORTED",
     "unknown": "UNKNOWN",
     "unimplemented": "UNIMPLEMENTED",
+    # streams the server cut (limits.stream_idle_s, stream_max_s): the peer sees DEADLINE_EXCEEDED
+    "stream_idle": "DEADLINE_EXCEEDED",
+    "stream_too_long": "DEADLINE_EXCEEDED",
 }
 
 #: The server moved on or already has it: nothing is wrong with what was sent (the agent waits for its next turn).
@@ -98,7 +103,8 @@ MOVED_ON = frozenset({"stale_round", "future_round", "not_selected", "duplicate"
 IDENTITY = frozenset({"no_certificate", "bad_certificate", "not_provisioned", "unknown_certificate", "retired_certificate",
                       "revoked"})
 #: Retrying later may succeed.
-TRANSIENT = frozenset({"busy", "internal", "unavailable", "deadline_exceeded", "cancelled", "aborted", "unknown"})
+TRANSIENT = frozenset({"busy", "too_many_calls", "internal", "unavailable", "deadline_exceeded", "cancelled", "aborted",
+                       "unknown", "stream_idle", "stream_too_long"})
 
 REASON_METADATA_KEY = "tap-reason"  # trailing metadata of a refused call: the reason
 

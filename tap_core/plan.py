@@ -9,6 +9,7 @@ result does not depend on the order in which silos joined.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Iterable
 
@@ -65,8 +66,12 @@ def check_label_spaces(declarations: Iterable[SiloDeclaration]) -> None:
                     )
 
 
-def united_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, TaskSpec]:
-    """Every task of the federation once, classification tasks with their full label list."""
+def united_tasks(declarations: Iterable[SiloDeclaration], complete: bool = True) -> dict[str, TaskSpec]:
+    """Every task of the federation once, classification tasks with their full label list.
+
+    Raises ConfigError on conflicts between the declarations; with ``complete`` also when a classification
+    task has fewer than two labels (which a silo joining later may still bring: checked at the start only).
+    """
     declarations = sorted(declarations, key=lambda d: d.silo)
     check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in declarations), "federation")
     check_label_spaces(declarations)
@@ -86,11 +91,27 @@ def united_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, TaskSpec]
             if unknown:
                 raise ConfigError(f"task {name}.labels", f"label {sorted(unknown)[0]!r} occurs in a silo's data but not in the declared list",
                                   "add it to labels: or remove those examples")
-            if len(labels) < 2:
+            if complete and len(labels) < 2:
                 raise ConfigError(f"task {name}", f"classification needs at least 2 labels across the federation, found {list(labels)}")
             task = dataclasses.replace(task, labels=tuple(labels))
         result[name] = dataclasses.replace(task, data={})
     return result
+
+
+def incomplete_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, list[str]]:
+    """Classification tasks with fewer than two labels across ``declarations`` -> the silos holding them.
+
+    (``declarations`` must be free of conflicts: ``united_tasks(declarations, complete=False)`` passes.)
+    """
+    declarations = list(declarations)
+    tasks = united_tasks(declarations, complete=False)
+    short = {name for name, task in tasks.items() if task.kind == "classification" and len(task.labels or ()) < 2}
+    return {name: sorted(d.silo for d in declarations if any(t.name == name for t in d.tasks)) for name in sorted(short)}
+
+
+def plan_json_bytes(plan: ModelPlan) -> int:
+    """Bytes of the plan as it travels in an assignment (``plan_json``)."""
+    return len(json.dumps(plan_to_json(plan)).encode())
 
 
 def silo_plan(declaration: SiloDeclaration, tasks: dict[str, TaskSpec], fusion_layers: int) -> ModelPlan:

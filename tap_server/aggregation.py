@@ -67,6 +67,48 @@ class StreamingAggregator:
         return out
 
 
+def capped_weights(declared: Mapping[str, Mapping[str, float]],
+                   max_share: float | None) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+    """Per silo and component, the weight it aggregates with: at most ``max_share`` of the component's total.
+
+    ``declared``: silo -> component -> weight from its declaration. For each component the largest weights
+    are lowered to one level C chosen so that C is exactly ``max_share`` of the new total (water-filling);
+    when that is impossible (fewer than 1/max_share silos hold the component) every holder gets the same
+    weight. Returns the weights and, per silo, the components where its weight was capped. The weights
+    depend on the declarations and the selection only: the aggregate stays a sum of per-silo contributions
+    with weights known before any update arrives.
+    """
+    weights = {silo: dict(components) for silo, components in declared.items()}
+    capped: dict[str, list[str]] = {}
+    if max_share is None or max_share >= 1:
+        return weights, capped
+    holders: dict[str, dict[str, float]] = {}
+    for silo, components in declared.items():
+        for component, weight in components.items():
+            if weight > 0:
+                holders.setdefault(component, {})[silo] = weight
+    for component, by_silo in sorted(holders.items()):
+        level = _cap_level(sorted(by_silo.values(), reverse=True), max_share)
+        for silo, weight in by_silo.items():
+            if weight > level:
+                weights[silo][component] = level
+                capped.setdefault(silo, []).append(component)
+    return weights, capped
+
+
+def _cap_level(descending: list[float], share: float) -> float:
+    """The level C with min(w, C) summing so that C = share x total; the smallest weight if none exists."""
+    rest = sum(descending)
+    for k, weight in enumerate(descending):  # k weights above the level, the rest below it
+        if k * share >= 1:
+            break
+        level = share * rest / (1 - k * share)
+        if level >= weight:
+            return float("inf") if k == 0 else level
+        rest -= weight
+    return descending[-1]
+
+
 # The arithmetic in numpy, a slice at a time: the same float64 operations as ``sum += tensor.double() * weight``
 # and ``(sum / total).float()`` (bit for bit), without full-size float64 temporaries, and ~10x faster than torch's
 # mixed-dtype operations on CPU (a 500 MB update: 2 GB of temporaries and ~2 s, now none and ~0.2 s).

@@ -17,11 +17,13 @@ from prometheus_client import start_http_server
 
 from tap_core.config import FederationConfig
 from tap_core.errors import ConfigError
-from tap_core.transport import channel_options, split_address
+from tap_core.transport import split_address
 from tap_server.auth import SiloAuthenticator
 from tap_server.certificates import ServerTLS
 from tap_server.federation import Federation
 from tap_server.federation_api import DONE
+from tap_server.intake import SafeRequests
+from tap_server.limits import server_capacity
 from tap_server.liveness import MtlsSelfCheck, dial_address
 from tap_server.metrics import ServerMetrics
 from tap_server.servicer import FederationServicer, add_to_server
@@ -114,12 +116,13 @@ class ServerDaemon:
             self.metrics_port = self._http.server_port
         self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
                                      expected_silos=len(self.auth.provisioned))
-        # every silo may hold a worker in a long poll (and one streaming); keep room for uploads beside them
-        workers = max(opts.max_workers, 4 * len(self.auth.provisioned) + 16)
-        self._executor = futures.ThreadPoolExecutor(max_workers=workers)
+        # every provisioned silo may use all of its own call limits at once (tap_server.limits)
+        capacity = server_capacity(self.config, len(self.auth.provisioned), opts.max_workers)
+        self._executor = futures.ThreadPoolExecutor(max_workers=capacity.workers)
         server = grpc.server(self._executor,
-                             options=channel_options(self.config) + [NO_PORT_SHARING],
-                             maximum_concurrent_rpcs=workers * 4)
+                             options=capacity.options + [NO_PORT_SHARING],
+                             interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
+                             maximum_concurrent_rpcs=capacity.max_concurrent_rpcs)
         servicer = self.servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -155,6 +158,7 @@ class ServerDaemon:
         assert federation is not None, "start() first"
         while not self.stop_event.wait(0.5):
             try:
+                self._withdraw_unprovisioned(federation)
                 status = federation.tick()
                 if status.phase == DONE and self.options.exit_when_done:
                     done_since = done_since or time.monotonic()
@@ -163,6 +167,16 @@ class ServerDaemon:
                         self.stop_event.set()
             except Exception:  # e.g. a state write that failed: keep the clock (deadlines, exit) running
                 log.exception("deadline check failed; retrying")
+
+    def _withdraw_unprovisioned(self, federation: Federation) -> None:
+        """Tell the federation which of its silos silos.json no longer lists (revoked, removed): not waited for."""
+        try:
+            self.auth.reload()
+        except ConfigError:
+            return  # a silos.json that does not parse: the calls are refused with the reason; change nothing here
+        provisioned = set(self.auth.provisioned)
+        if provisioned:  # a missing or empty silos.json is a mistake being fixed, not every silo revoked
+            federation.withdraw(set(federation.status().joined) - provisioned)
 
     def install_signal_handlers(self) -> None:
         def handle(signum, frame):

@@ -23,22 +23,23 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from tap_core.algorithms import algorithm_class, travelling_components
-from tap_core.config import FederationConfig, SiloSpec, to_mapping
+from tap_core.config import FederationConfig, SiloSpec, plan_bytes_limit, to_mapping
 from tap_core.errors import ConfigError, Rejected, TapError
 from tap_core.layout import Layout, layout_bytes, select
 from tap_core.messages import NOT_JOINED, ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
-from tap_core.plan import check_label_spaces, component_weights, silo_plan, union_plan, united_tasks
+from tap_core.plan import check_label_spaces, component_weights, incomplete_tasks, plan_json_bytes, silo_plan, union_plan
+from tap_core.plan import united_tasks
 from tap_core.scenario import check_shared_tasks
 from tap_core.seeding import derive_seed
 from tap_core.store import CheckpointStore, atomic_write_json
-from tap_server.aggregation import StreamingAggregator
+from tap_server.aggregation import StreamingAggregator, capped_weights
 from tap_server.federation_api import DONE, FINISHING, TRAINING, WAITING, Assignment, Payload, Registration, Status
 from tap_server.federation_api import Transfer, UploadSlot
 from tap_server.federation_state import FederationState
 from tap_server.metrics import ServerMetrics
-from tap_server.validation import check_declaration, check_result, check_stats, check_update
+from tap_server.validation import check_declaration, check_result, check_stats, check_update, check_update_norm
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,16 @@ class Federation:
         self._state = FederationState.new(config, self._fingerprint)
         # the round in progress and liveness: not persisted (a restarted server asks for the uploads again)
         self._received: dict[str, RoundStats] = {}
+        # selected silos whose update this round was refused for its content (reason): the round does not wait on them
+        self._refused: dict[str, str] = {}
+        # silos whose certificate was revoked (or removed from silos.json) since they joined: nobody waits for them
+        self._withdrawn: set[str] = set()
         self._aggregator = StreamingAggregator()
         self._last_seen: dict[str, float] = {}
         self._told_done: set[str] = set()
+        # silos whose declarations the start refused, with the refusal: told again if they join unchanged
+        self._refused_at_start: dict[str, tuple[dict[str, Any], str]] = {}
+        self._weights: tuple[tuple[int, int], dict[str, dict[str, float]]] = ((-1, -1), {})
         self._round_started = self._clock()
         self._deadline = self._round_started + config.deadlines.join_s
         # a state write that failed (disk full, read-only volume): why, and what the next write must include.
@@ -88,10 +96,15 @@ class Federation:
     # ------------------------------------------------------------------ joins
 
     def register(self, decl: SiloDeclaration) -> Registration:
-        """Admit a silo (or a returning one); a refusal (:class:`Rejected`) says what differs."""
+        """Admit a silo (or a returning one); a refusal (:class:`Rejected`) says what differs.
+
+        Whatever one silo declares is decided at its own join: a declaration that conflicts with the
+        others, or would push a silo's plan past the limits, is refused to the silo that sends it, and the
+        start can no longer fail because of another silo's declaration (``_start_if_complete``).
+        """
         with self._lock:
             s = self._state
-            check_declaration(decl)
+            check_declaration(decl, self._config.limits)
             if decl.fingerprint != self._fingerprint:
                 raise Rejected(
                     "fingerprint_mismatch",
@@ -110,25 +123,75 @@ class Federation:
                                    f"silo {decl.silo} declares other tasks, sample counts or labels than when it joined; "
                                    "the federation's plan is fixed: restore the silo's data and config")
             else:
+                refused = self._refused_at_start.get(decl.silo)
+                if refused is not None and refused[0] == _comparable(decl):
+                    raise Rejected("tasks_conflict", refused[1])
                 others = [d for silo, d in sorted(s.declarations.items()) if silo != decl.silo]
-                try:  # conflicts only; completeness (e.g. two labels per task) is checked at the start
-                    check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in [*others, decl]), "federation")
-                    check_label_spaces([*others, decl])
-                except ConfigError as exc:
-                    raise Rejected("tasks_conflict", str(exc)) from exc
+                self._check_joinable(others, decl)
+                self._refused_at_start.pop(decl.silo, None)
                 s.declarations[decl.silo] = decl
                 self._persist(with_values=False)
             self._touch(decl.silo)
             log.info("silo %s joined (%d tasks, %d registered)", decl.silo, len(decl.tasks), len(s.declarations))
             if s.phase == WAITING and self._expected_silos and len(s.declarations) >= self._expected_silos:
-                try:
-                    self._start()
-                except ConfigError as exc:
-                    del s.declarations[decl.silo]
-                    self._persist(with_values=False)
-                    raise Rejected("tasks_conflict", f"the federation cannot start with silo {decl.silo}: {exc}") from exc
+                self._start_if_complete(joiner=decl.silo)
             self._changed_now()
             return Registration(decl.silo, len(s.declarations), s.plan is not None)
+
+    def _check_joinable(self, others: list[SiloDeclaration], decl: SiloDeclaration) -> None:
+        """Refuse ``decl`` if, beside ``others``, it breaks a rule the start relies on or a bound of the plan."""
+        limits = self._config.limits
+        everyone = [*others, decl]
+        try:  # conflicts only; completeness (e.g. two labels per task) is checked at the start
+            check_shared_tasks(tuple(SiloSpec(d.silo, d.tasks) for d in everyone), "federation")
+            check_label_spaces(everyone)
+            tasks = united_tasks(everyone, complete=False)
+        except ConfigError as exc:
+            raise Rejected("tasks_conflict", str(exc)) from exc
+        own = {t.name for t in decl.tasks}
+        for name in sorted(own):
+            labels = tasks[name].labels or ()
+            if len(labels) > limits.max_labels_per_task:
+                raise Rejected("tasks_conflict", f"task {name} would have {len(labels)} labels across the federation with "
+                                                 f"silo {decl.silo}'s, at most {limits.max_labels_per_task} "
+                                                 "(limits.max_labels_per_task)")
+        budget = plan_bytes_limit(self._config)
+        fusion = self._config.model.fusion_layers
+        for other in everyone:  # the plans this join changes: the silo's own and those of silos sharing a task
+            if other is decl or own & {t.name for t in other.tasks}:
+                size = plan_json_bytes(silo_plan(other, tasks, fusion))
+                if size > budget:
+                    raise Rejected("oversize", f"with silo {decl.silo}'s declaration the plan of silo {other.silo} would "
+                                               f"take {size} bytes, at most {budget} (limits.max_plan_bytes; the labels "
+                                               "of its tasks make most of it)")
+
+    def _start_if_complete(self, joiner: str | None) -> bool:
+        """Start, unless a classification task has fewer than two labels: then its holders are refused.
+
+        The joiner is refused if it holds such a task (its join is undone). Otherwise the holders are
+        removed: the start waits for more joins or the join deadline, and when they join again with the same
+        declaration they are told why. No silo is refused for another's declaration.
+        """
+        s = self._state
+        decls = [s.declarations[silo] for silo in sorted(s.declarations)]
+        incomplete = incomplete_tasks(decls)
+        if not incomplete:
+            self._start()
+            return True
+        holders = sorted({silo for silos in incomplete.values() for silo in silos})
+        problems = "; ".join(f"task {name} has {len(united_tasks(decls, complete=False)[name].labels or ())} label(s) "
+                             f"across silos {', '.join(silos)}" for name, silos in incomplete.items())
+        message = (f"the federation cannot start with these declarations: {problems}; a classification task needs at "
+                   "least 2 labels across the federation (declare its labels: list, or add examples of a second label)")
+        refused = [joiner] if joiner in holders else holders
+        for silo in refused:
+            self._refused_at_start[silo] = (_comparable(s.declarations.pop(silo)), message)
+            self._metrics.rejected.labels(reason="tasks_conflict").inc()
+        self._persist(with_values=False)
+        if joiner in refused:
+            raise Rejected("tasks_conflict", f"silo {joiner}: {message}")
+        log.warning("start refused to silos %s (their agents are told at their next join): %s", ", ".join(refused), message)
+        return False
 
     def touch(self, silo: str) -> Status:
         """The silo is alive (any call counts); returns where the federation stands."""
@@ -165,7 +228,7 @@ class Federation:
         self._begin_round()
 
     def _select(self, round_index: int, attempt: int) -> list[str]:
-        silos = sorted(self._state.declarations)
+        silos = sorted(set(self._state.declarations) - self._withdrawn)
         k = self._config.clients_per_round
         if k is None or k >= len(silos):
             return silos
@@ -178,11 +241,35 @@ class Federation:
         s.selected = self._select(s.round, s.attempt)
         s.phase = TRAINING
         self._received = {}
+        self._refused = {}
         self._aggregator = StreamingAggregator(previous=self._aggregator)
         self._round_started = self._clock()
         self._deadline = self._round_started + self._config.deadlines.round_s
         log.info("round %d/%d: selected %s", s.round, self._config.rounds, ", ".join(s.selected))
+        self._round_weights()
         self._persist(with_values=s.attempt == 0)
+
+    def _round_weights(self) -> dict[str, dict[str, float]]:
+        """Silo -> component -> its aggregation weight this round, fixed from the declarations when it begins.
+
+        The declared training samples, each silo's share of a component's total among the round's selected
+        silos capped at ``aggregation.max_weight_share`` (never computed from the updates themselves).
+        """
+        s = self._state
+        key = (s.round, s.attempt)
+        if self._weights[0] == key:
+            return self._weights[1]
+        declared = {silo: component_weights(s.silo_plans[silo], s.declarations[silo].train_samples,
+                                            list(self._travelling(silo)))
+                    for silo in s.selected}
+        weights, capped = capped_weights(declared, self._config.aggregation.max_weight_share)
+        for silo, components in sorted(capped.items()):
+            log.warning("round %d: aggregation weight of silo %s capped at a %.3g share on %d component(s) "
+                        "(aggregation.max_weight_share)", s.round, silo, self._config.aggregation.max_weight_share,
+                        len(components))
+            self._metrics.weights_capped.inc()
+        self._weights = (key, weights)
+        return weights
 
     def assignment(self, silo: str) -> Assignment:
         with self._lock:
@@ -248,16 +335,47 @@ class Federation:
             s = self._state
             plan = s.silo_plans[update.silo]
             expected_weights = component_weights(plan, s.declarations[update.silo].train_samples, list(slot.layout))
-            check_update(update, slot.layout, set(plan.components), expected_weights)
-            check_stats(update.stats, {t.name for t in plan.tasks})
-            self._aggregator.add(update.values, update.weights)
+            try:
+                check_update(update, slot.layout, set(plan.components), expected_weights)
+                check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
+                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio)
+            except Rejected as exc:
+                self._refuse_update(update.silo, exc)
+                raise
+            self._aggregator.add(update.values, self._round_weights()[update.silo])
             self._received[update.silo] = update.stats
+            self._refused.pop(update.silo, None)  # a valid update after a refused one counts
             s.log.count_payload(update.silo, update.round, "up", update.values, self._config.wire.dtype)
             self._metrics.updates_received.inc()
             log.info("round %d: update from %s (%d/%d)", s.round, update.silo, len(self._received), len(s.selected))
-            if len(self._received) == len(s.selected):
-                self._close_round()
+            self._close_if_complete()
             self._changed.notify_all()
+
+    def _refuse_update(self, silo: str, refusal: Rejected) -> None:
+        """A selected silo's update was refused for what it carries: the round stops waiting for that silo.
+
+        Its agent stops on such a refusal (it is no transient fault), so waiting for it would only hold the
+        others until the round deadline. The round closes once every other selected silo has delivered (and
+        ``min_clients`` updates arrived); until then a valid update of the refused silo is still taken.
+        """
+        s = self._state
+        self._refused[silo] = refusal.reason
+        log.warning("round %d: silo %s is out of the round (%s); the round no longer waits for it", s.round, silo,
+                    refusal.reason)
+        self._close_if_complete()
+        self._changed.notify_all()
+
+    def _close_if_complete(self) -> None:
+        """Close the round once every selected silo delivered or was refused, and ``min_clients`` updates arrived."""
+        s = self._state
+        if len(self._received) + len(self._refused) < len(s.selected):
+            return
+        if self._refused and len(self._received) < self._config.min_clients:
+            return  # too few updates: the round deadline retries it
+        if self._refused:
+            log.warning("round %d: closing with %d of %d updates (refused: %s)", s.round, len(self._received),
+                        len(s.selected), ", ".join(f"{silo} ({why})" for silo, why in sorted(self._refused.items())))
+        self._close_round()
 
     def _close_round(self) -> None:
         s = self._state
@@ -265,7 +383,8 @@ class Federation:
         started = time.perf_counter()
         s.global_values = self._aggregator.result(s.global_values)
         seconds = time.perf_counter() - started
-        record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds)
+        record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds,
+                                  refused=self._refused)
         self._metrics.round_closed(record, seconds)
         s.attempt = 0
         log.info("round %d aggregated in %.3fs (losses %s)", s.round, seconds,
@@ -288,14 +407,53 @@ class Federation:
                 raise Rejected("not_selected", f"silo {result.silo} is not part of this federation's plan")
             if result.silo in s.results:
                 raise Rejected("duplicate", f"silo {result.silo} already reported its results")
-            check_result(result, {t.name for t in s.silo_plans[result.silo].tasks})
+            check_result(result, {t.name: t.kind for t in s.silo_plans[result.silo].tasks}, self._config.limits)
             s.results[result.silo] = result
             self._metrics.result_received(result)
             log.info("silo %s reported results (%d/%d)", result.silo, len(s.results), len(s.declarations))
-            if len(s.results) == len(s.declarations):
+            if self._all_results_in():
                 self._finish()
             else:
                 self._persist(with_values=False)
+            self._changed_now()
+
+    def _all_results_in(self) -> bool:
+        missing = set(self._state.declarations) - set(self._state.results) - self._withdrawn
+        if missing:
+            return False
+        gone = sorted(set(self._state.declarations) - set(self._state.results))
+        if gone:
+            log.warning("finishing without results of withdrawn silos %s", ", ".join(gone))
+            self._state.log.drop_at_finish(gone)
+        return True
+
+    def withdraw(self, silos: set[str]) -> None:
+        """The silos that are no longer provisioned (revoked, removed): the federation stops waiting for them.
+
+        Called by the daemon with every silo of the federation missing from silos.json (the whole set each
+        time; one that is provisioned again is waited for again). Before the start a withdrawn silo's
+        declaration is removed; in a round it counts as refused (the round closes once the others delivered,
+        ``min_clients`` permitting) and it is not selected again; in the finishing phase the federation
+        finishes once every other silo reported.
+        """
+        with self._lock:
+            s = self._state
+            silos = set(silos) & set(s.declarations)
+            new = silos - self._withdrawn
+            self._withdrawn = silos
+            if not new:
+                return
+            log.warning("silos %s are no longer provisioned: the federation stops waiting for them", ", ".join(sorted(new)))
+            if s.phase == WAITING:
+                for silo in new:
+                    del s.declarations[silo]
+                self._withdrawn -= new
+                self._persist(with_values=False)
+            elif s.phase == TRAINING:
+                for silo in sorted(new & set(s.selected) - set(self._received)):
+                    self._refuse_update(silo, Rejected("revoked", f"silo {silo} is no longer provisioned"))
+            elif s.phase == FINISHING and self._all_results_in():
+                self._finish()
             self._changed_now()
 
     def _finish(self) -> None:
@@ -324,7 +482,9 @@ class Federation:
             elif self._clock() >= self._deadline:
                 if s.phase == WAITING and len(s.declarations) >= self._config.min_clients:
                     log.warning("join deadline passed with %d silos: starting without the others", len(s.declarations))
-                    self._start()
+                    # each attempt that cannot start removes the holders of incomplete tasks: try with the others
+                    while len(s.declarations) >= self._config.min_clients and not self._start_if_complete(joiner=None):
+                        pass
                 elif s.phase == TRAINING and len(self._received) >= self._config.min_clients:
                     log.warning("round %d deadline: closing with %d of %d updates (none from %s)", s.round,
                                 len(self._received), len(s.selected),

@@ -23,7 +23,7 @@ from tap_server.federation_api import WAITING
 from tap_server.round_log import RoundLog
 
 STATE_VERSION = 2
-RESUMABLE_CHANGES = {"deadlines", "expected_silos"}  # everything else must match the state being resumed
+RESUMABLE_CHANGES = {"deadlines", "expected_silos", "limits"}  # everything else must match the state being resumed
 
 
 @dataclass
@@ -65,10 +65,12 @@ class FederationState(JsonRecord):
             raise ConfigError(where, f"was written by another version of tap-server (state version {data.get('version')}, "
                                      f"this one reads {STATE_VERSION})", "use a new --state directory")
         saved, current = data.get("config", {}), to_mapping(config)
+        defaults = to_mapping(FederationConfig())
         for key in sorted(set(saved) | set(current)):
-            if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key):
+            # a section the saved config lacks was added since (an older server wrote it): it ran with the default
+            if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != current.get(key):
                 raise ConfigError(where, f"was written with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
-                                  "use the original federation config (only deadlines and expected_silos may change), "
+                                  "use the original federation config (only deadlines, expected_silos and limits may change), "
                                   "or a new --state directory")
         if data.get("fingerprint") != fingerprint:
             raise ConfigError(where, "was written for another base model fingerprint",

@@ -44,6 +44,10 @@ class ServerMetrics:
         self.aggregation_seconds = Histogram("tap_aggregation_seconds", "Time to finalise a round's aggregate.",
                                              buckets=_DURATION_BUCKETS, registry=r)
         self.rejected = Counter("tap_rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
+        self.calls_in_flight = Gauge("tap_calls_in_flight", "Calls in progress, by kind (poll, download, upload, unary).",
+                                     ["kind"], registry=r)
+        self.weights_capped = Counter("tap_weights_capped", "Rounds x silos whose aggregation weight was capped "
+                                                            "(aggregation.max_weight_share).", registry=r)
         self.replacements = Counter("tap_replacements", "Adaptive replacement events reported by silos, by task.", ["task"], registry=r)
         self.task_loss = Gauge("tap_task_loss", "Mean training loss of the global copy in the last round, by task.", ["task"], registry=r)
         self.kd_loss = Gauge("tap_kd_loss", "Mean distillation loss reported in stage 2, by task.", ["task"], registry=r)

@@ -10,7 +10,7 @@ state, so a restarted server reports the whole federation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from tap_core.config import FederationConfig
 from tap_core.layout import payload_bytes
@@ -54,8 +54,8 @@ class RoundLog(JsonRecord):
                             "stream_seconds": transfer.seconds})
 
     def close_round(self, round_index: int, selected: list[str], received: dict[str, RoundStats], seconds: float,
-                    aggregation_seconds: float) -> Record:
-        """Log an aggregated round; returns its history record."""
+                    aggregation_seconds: float, refused: Mapping[str, str] | None = None) -> Record:
+        """Log an aggregated round; returns its history record (``refused``: silo -> why its update was refused)."""
         task_losses: dict[str, list[float]] = {}
         for stats in received.values():
             for task, loss in stats.task_losses.items():
@@ -72,6 +72,8 @@ class RoundLog(JsonRecord):
             "replacements": {s: [e.task for e in st.replacements] for s, st in ordered if st.replacements},
             "scores": {s: {"round": st.scores_round, "primary": dict(st.scores)} for s, st in ordered if st.scores},
         }
+        if refused:  # only when it happened: records of ordinary rounds stay as they were
+            record["refused"] = dict(sorted(refused.items()))
         self.history.append(record)
         for silo, tasks in record["replacements"].items():
             counts = self.replacements.setdefault(silo, {})
