@@ -34,7 +34,7 @@ from tap_core.messages import NOT_JOINED
 from tap_core.model.tap_model import ComponentValues
 from tap_core.plan import component_weights, plan_from_json
 from tap_core.proto.tap.v1 import federation_pb2 as pb
-from tap_core.wire import StreamDecoder, StreamInfo, encode_stream, layout_from_proto
+from tap_core.wire import StreamDecoder, StreamInfo, encode_frames, layout_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class LightSilo(threading.Thread):
         wire = self.config.wire
 
         def send(stub):
-            return stub.Upload(encode_stream(update, layout, wire.dtype, wire.chunk_bytes, info), timeout=120)
+            return stub.Upload(encode_frames(update, layout, wire.dtype, wire.chunk_bytes, info), timeout=120)
 
         try:
             self.connection.call(f"upload round {round_index}", send)
