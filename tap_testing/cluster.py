@@ -32,6 +32,7 @@ import yaml
 
 from tap_core.config import Deadlines, FederationConfig, ModelSpec, TrainConfig, WireConfig, to_mapping
 from tap_core.model.tap_model import ComponentValues
+from tap_testing.dirs import FederationDirs
 from tap_testing.proxy import FaultProxy
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # what subprocesses must import (this checkout, not another)
@@ -88,7 +89,7 @@ def write_data(directory: Path, task: dict[str, Any], seed: int, examples: int =
 
 
 @dataclass
-class Cluster:
+class Cluster(FederationDirs):
     root: Path
     config: FederationConfig = FAULT_CONFIG
     silos: dict[str, tuple[dict[str, Any], int]] = field(default_factory=lambda: dict(SILOS))
@@ -126,23 +127,11 @@ class Cluster:
         return cluster
 
     @property
-    def kits(self) -> Path:
-        return self.root / "kits"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
     def federation_yaml(self) -> Path:
         return self.root / "federation.yaml"
 
     def silo_yaml(self, silo: str) -> Path:
-        return self.root / "data" / silo / "silo.yaml"
+        return self.data / silo / "silo.yaml"
 
     def client_state(self, silo: str) -> Path:
         return self.root / "clients" / silo

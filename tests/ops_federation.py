@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from tap_core.config import Deadlines, FederationConfig, ModelSpec, TrainConfig, WireConfig, to_mapping
+from tap_testing.dirs import FederationDirs
 
 SILOS = ("alpha", "beta")
 
@@ -43,26 +44,10 @@ def tiny_config(rounds: int = 2, silos: int = 2) -> FederationConfig:
 
 
 @dataclass
-class TinyFederation:
+class TinyFederation(FederationDirs):
     root: Path
     silos: tuple[str, ...] = SILOS
     config: FederationConfig = field(default_factory=tiny_config)
-
-    @property
-    def kits(self) -> Path:
-        return self.root / "kits"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
 
     @property
     def federation_yaml(self) -> Path:
