@@ -156,9 +156,10 @@ def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: 
         delta_sq = global_sq = 0.0
         elements = 0
         for name, tensor in tensors.items():
-            base = reference[name].to(torch.float64)
-            delta_sq += float(torch.sum((tensor.to(torch.float64) - base) ** 2))
-            global_sq += float(torch.sum(base ** 2))
+            base = reference[name]
+            # norms accumulate in float64 without float64 copies of the tensors (this runs under the lock)
+            delta_sq += float(torch.linalg.vector_norm(tensor - base, dtype=torch.float64)) ** 2
+            global_sq += float(torch.linalg.vector_norm(base, dtype=torch.float64)) ** 2
             elements += tensor.numel()
         bound = ratio * max(math.sqrt(global_sq), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
         change = math.sqrt(delta_sq)
