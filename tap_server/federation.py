@@ -81,6 +81,8 @@ class Federation:
         # silos whose declarations the start refused, with the refusal: told again if they join unchanged
         self._refused_at_start: dict[str, tuple[dict[str, Any], str]] = {}
         self._weights: tuple[tuple[int, int], dict[str, dict[str, float]]] = ((-1, -1), {})
+        # the global values' norms for the update-norm bound, per round (the values change only between rounds)
+        self._global_norms: tuple[int, dict[str, float]] = (-1, {})
         self._round_started = self._clock()
         self._deadline = self._round_started + config.deadlines.join_s
         # a state write that failed (disk full, read-only volume): why, and what the next write must include.
@@ -338,7 +340,10 @@ class Federation:
             try:
                 check_update(update, slot.layout, set(plan.components), expected_weights)
                 check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
-                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio)
+                if self._global_norms[0] != s.round:
+                    self._global_norms = (s.round, {})
+                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio,
+                                  self._global_norms[1])
             except Rejected as exc:
                 self._refuse_update(update.silo, exc)
                 raise
@@ -382,6 +387,7 @@ class Federation:
         self._metrics.set_phase("aggregating")
         started = time.perf_counter()
         s.global_values = self._aggregator.result(s.global_values)
+        self._global_norms = (-1, {})
         seconds = time.perf_counter() - started
         record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds,
                                   refused=self._refused)

@@ -143,25 +143,33 @@ def check_declaration(decl: SiloDeclaration, limits: LimitsConfig | None = None)
                                           "(limits.max_labels_per_silo)")
 
 
-def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: float | None) -> None:
+def global_norm_sq(tensors: dict[str, torch.Tensor]) -> float:
+    """Squared L2 norm of one component's tensors, accumulated in float64 without float64 copies."""
+    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values())
+
+
+def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: float | None,
+                      reference_sq: dict[str, float] | None = None) -> None:
     """Refuse an update that moves a component further than ``ratio`` times the component's global norm.
 
     The reference is at least ``UPDATE_NORM_FLOOR_RMS`` per element, so components whose global values
     are still zero can move. Honest local rounds stay far below the default bound (docs/operations.md).
+    ``reference_sq``: a cache of the global norms (squared) per component, valid while ``current`` is, so the
+    global values are read once per round rather than once per upload (this runs under the federation lock).
     """
     if ratio is None:
         return
+    cache = {} if reference_sq is None else reference_sq
     for component, tensors in values.items():
         reference = current[component]
-        delta_sq = global_sq = 0.0
+        if component not in cache:
+            cache[component] = global_norm_sq(reference)
+        delta_sq = 0.0
         elements = 0
         for name, tensor in tensors.items():
-            base = reference[name]
-            # norms accumulate in float64 without float64 copies of the tensors (this runs under the lock)
-            delta_sq += float(torch.linalg.vector_norm(tensor - base, dtype=torch.float64)) ** 2
-            global_sq += float(torch.linalg.vector_norm(base, dtype=torch.float64)) ** 2
+            delta_sq += float(torch.linalg.vector_norm(tensor - reference[name], dtype=torch.float64)) ** 2
             elements += tensor.numel()
-        bound = ratio * max(math.sqrt(global_sq), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
+        bound = ratio * max(math.sqrt(cache[component]), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
         change = math.sqrt(delta_sq)
         if not change <= bound:  # also refuses NaN
             raise Rejected("update_norm", f"component {component}: the update moves it by {change:.4g} (L2), more than "

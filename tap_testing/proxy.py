@@ -104,6 +104,11 @@ class FaultProxy:
                 self._server.close()
             for link in list(self._links):
                 link.abort()
+            # cancel the idle watcher and the pumps and let them finish, so none is destroyed while pending
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -221,6 +221,13 @@ def test_update_norm_bound():
     check_update_norm({"c": {"w": torch.full((100,), 0.05)}}, zero, 10.0)
     with pytest.raises(Rejected):
         check_update_norm({"c": {"w": torch.full((100,), 0.2)}}, zero, 10.0)
+    # the cache of global norms is filled once and then used: a cached norm decides the bound
+    cache: dict[str, float] = {}
+    check_update_norm(honest, current, 10.0, cache)
+    assert cache == {"c": pytest.approx(100.0)}
+    cache["c"] = 1e-12  # as if the global values were (near) zero: the same honest update is now too large
+    with pytest.raises(Rejected):
+        check_update_norm(honest, current, 10.0, cache)
 
 
 def test_limits_and_aggregation_config_is_validated():
