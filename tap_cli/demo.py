@@ -272,11 +272,13 @@ def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device
         with open(layout.logs / "server.log", "wb") as log:
             processes.server = subprocess.Popen(server_command(layout, port, health, metrics), stdout=log,
                                                 stderr=subprocess.STDOUT, env=env)
-        wait_healthy(health, processes.server, layout.logs / "server.log")
+        # the agents start while the server loads its backbone (they retry until it answers): their imports
+        # and data loading overlap the server's start instead of following it
         for silo in scenario.silos:
             with open(layout.logs / f"{silo.id}.log", "wb") as log:
                 processes.clients[silo.id] = subprocess.Popen(client_command(layout, silo.id, port), stdout=log,
                                                               stderr=subprocess.STDOUT, env=env)
+        wait_healthy(health, processes.server, layout.logs / "server.log")
         per_round = min(config.clients_per_round or len(scenario.silos), len(scenario.silos))
         follow(processes, layout, metrics, config, len(scenario.silos), per_round, show_progress)
         for silo, process in processes.clients.items():

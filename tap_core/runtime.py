@@ -7,17 +7,19 @@ import logging
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from tap_core.config import FederationConfig, SiloSpec
-from tap_core.data import load_task_data
-from tap_core.data.types import TaskData
-from tap_core.model import build_backbone
+# torch, the data loaders and the model are imported where they are used: entry points that only parse
+# options, log or print help (`tap --help`, `tap demo`'s parent process) start in a fraction of a second
+if TYPE_CHECKING:
+    from tap_core.config import FederationConfig, SiloSpec
+    from tap_core.data.types import TaskData
 
 
 def configure_threads(threads: int) -> None:
     """Fix torch's thread count: results are bitwise reproducible only at a fixed count."""
+    import torch
+
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -56,6 +58,9 @@ def configure_logging(level: str = "info", fmt: str = "text", name: str = "") ->
 
 def load_silo_data(silo: SiloSpec, config: FederationConfig, where: str) -> dict[str, TaskData]:
     """Every task's data of one silo, at the model's image size; fails before any training starts."""
+    from tap_core.data import load_task_data
+    from tap_core.model import build_backbone
+
     image_size = build_backbone(config.model).image_size
     return {
         task.name: load_task_data(task, image_size, config.train.val_fraction, f"{where} silo {silo.id} task {task.name}")

@@ -52,9 +52,7 @@ def _refusal(call: Callable[[], Any]) -> tuple[str, str | None, float]:
 
 
 def _outcome(name: str, checks: dict[str, bool], numbers: dict[str, Any], summary: str) -> ScenarioOutcome:
-    failed = [what for what, ok in checks.items() if not ok]
-    detail = summary if not failed else f"{summary}; FAILED: {'; '.join(failed)}"
-    return ScenarioOutcome(name, not failed, detail, numbers)
+    return ScenarioOutcome.from_checks(name, checks, numbers, summary)
 
 
 def _health(harness: Harness) -> str:

@@ -90,6 +90,4 @@ def vanished_silo(root: Path, silos: int = 4, rounds: int = 2, round_s: float = 
         checks[f"{expected_count} updates in every round"] = numbers["accepted_per_round"] == [expected_count] * rounds
     else:
         checks["the final model is exactly the accepted updates"] = False
-    failed = [what for what, ok in checks.items() if not ok]
-    detail = f"FAILED: {'; '.join(failed)}. Server log: {cluster.tail('server', 8)}" if failed else "; ".join(checks)
-    return ScenarioOutcome(name, not failed, detail, numbers)
+    return ScenarioOutcome.from_checks(name, checks, numbers, when_failed=f". Server log: {cluster.tail('server', 8)}")

@@ -54,11 +54,8 @@ def _finish(name: str, cluster: Cluster, reference: Reference, started: float, c
     equal, detail, gaps = compare(cluster, reference) if checks["every process exited 0"] else (False, "", {})
     numbers.update(gaps)
     checks["final model and metrics equal the uninterrupted run"] = equal
-    failed = [what for what, ok in checks.items() if not ok]
-    if failed:
-        logs = {n: cluster.tail(n, 8) for n in ("server", *cluster.silos)}
-        detail = f"FAILED: {'; '.join(failed)}. {detail} Log tails: {logs}"
-    return ScenarioOutcome(name, not failed, detail, numbers)
+    logs = {} if all(checks.values()) else {n: cluster.tail(n, 8) for n in ("server", *cluster.silos)}
+    return ScenarioOutcome.from_checks(name, checks, numbers, detail, when_failed=f". Log tails: {logs}")
 
 
 def server_kills(root: Path, points: list[str] | None = None, reference: Reference | None = None,
@@ -274,10 +271,8 @@ def state_volume_fault(root: Path, kind: str = "full", real: bool | None = None,
             equal, detail, gaps = compare_run(federation.report(), federation.global_values(), reference)
             numbers.update(gaps)
             checks["ends as an uninterrupted run"] = equal
-    failed = [what for what, ok in checks.items() if not ok]
     name = f"state volume {'full' if kind == 'full' else 'read-only'} ({numbers['volume']})"
-    detail = f"FAILED: {'; '.join(failed)}" if failed else "; ".join(checks)
-    return ScenarioOutcome(name, not failed, detail, numbers)
+    return ScenarioOutcome.from_checks(name, checks, numbers)
 
 
 def unwritable_state_dir(root: Path, real: bool | None = None) -> ScenarioOutcome:

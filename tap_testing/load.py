@@ -228,8 +228,4 @@ def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = Fal
         numbers["rounds_per_s"] = round((len(times) - 1) / max(1e-9, times[-1] - times[0]), 3)
     for attack in attacks:
         numbers[f"{attack.name}_answers"] = dict(attack.answers)
-    failed = [what for what, ok in checks.items() if not ok]
-    detail = f"FAILED: {'; '.join(failed)}" if failed else "; ".join(checks)
-    if failed:
-        detail += f". Server log: {cluster.tail('server', 6)}"
-    return ScenarioOutcome(name, not failed, detail, numbers)
+    return ScenarioOutcome.from_checks(name, checks, numbers, when_failed=f". Server log: {cluster.tail('server', 6)}")
