@@ -309,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="tap-bench-mini", help="built-in scenario or YAML path")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=None, help="default: the scenario's study budget (--quick: 2)")
-    parser.add_argument("--local-steps", type=int, default=None, help="E (default: the scenario's)")
+    parser.add_argument("--rounds", type=int, default=None, help="default: the scenario's study budget (its study: block, else its rounds) (--quick: 2)")
+    parser.add_argument("--local-steps", type=int, default=None, help="E (default: the scenario's study budget)")
     parser.add_argument("--stage2-steps", type=int, default=None,
-                        help="ft_steps = kd_steps: the same stage-2 budget for every algorithm (default: the scenario's)")
-    parser.add_argument("--batch-size", type=int, default=None)
+                        help="ft_steps = kd_steps: the same stage-2 budget for every algorithm (default: the scenario's study budget)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the scenario's study budget")
     parser.add_argument("--peak-lr", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=None)
     parser.add_argument("--model", default=None, help="model preset (default: the scenario's)")
@@ -330,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         args.local_steps = args.local_steps or 4
         args.stage2_steps = args.stage2_steps if args.stage2_steps is not None else 4
         args.seeds = args.seeds if args.seeds != [0, 1, 2] else [0, 1]
-    args.rounds = args.rounds or default_rounds(args.scenario)
+    budget = study_budget(args.scenario)  # what the command line leaves open
+    args.rounds = args.rounds or budget.rounds
+    args.local_steps = args.local_steps or budget.local_steps
+    args.batch_size = args.batch_size or budget.batch_size
     if args.stage2_steps is None:
-        args.stage2_steps = default_stage2(args.scenario)
+        args.stage2_steps = budget.stage2_steps
     out = args.out or Path("bench/results/accuracy") / (("quick-" if args.quick else "") + _scenario_name(args.scenario))
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1))
@@ -371,16 +374,16 @@ def test_sizes(report: dict[str, Any]) -> dict[str, int]:
     return {f"{t['silo']}/{t['task']}": t.get("test_examples", 0) for t in report["tasks"]}
 
 
-def default_rounds(scenario: str) -> int:
+def study_budget(scenario: str):
+    """The scenario's ``study:`` budget, or (without one) its own rounds and train settings."""
+    from tap_core.config import StudyBudget
     from tap_core.scenario import load_scenario
 
-    return load_scenario(scenario).rounds
-
-
-def default_stage2(scenario: str) -> int:
-    from tap_core.scenario import load_scenario
-
-    return load_scenario(scenario).train.kd_steps
+    loaded = load_scenario(scenario)
+    if loaded.study is not None:
+        return loaded.study
+    train = loaded.train
+    return StudyBudget(loaded.rounds, train.local_steps, train.batch_size, train.kd_steps)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,21 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class StudyBudget:
+    """The budget ``bench/accuracy.py`` runs a scenario at when its command line does not say.
+
+    It may be larger than the scenario's own ``rounds``/``train`` (what ``tap demo`` and ``tap simulate``
+    run): the study needs seeds to separate, the demo needs to finish in minutes. One stage-2 step count
+    (``ft_steps`` = ``kd_steps``) keeps every algorithm's budget equal.
+    """
+
+    rounds: int = 4
+    local_steps: int = 15
+    batch_size: int = 16
+    stage2_steps: int = 20
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     silos: tuple[SiloSpec, ...]
@@ -230,6 +245,7 @@ class Scenario:
     description: str = ""
     source: str = ""  # file it came from, for messages
     rounds: int = 3  # federated rounds when the command line does not say
+    study: StudyBudget | None = None  # bench/accuracy.py's default budget (None: rounds and train above)
 
     def silo(self, silo_id: str) -> SiloSpec:
         for silo in self.silos:

@@ -16,6 +16,7 @@ from tap_core.config import (
     ModelSpec,
     Scenario,
     SiloSpec,
+    StudyBudget,
     TaskSpec,
     TrainConfig,
     from_mapping,
@@ -141,10 +142,10 @@ def check_shared_tasks(silos: tuple[SiloSpec, ...], where: str) -> None:
 def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
     if not isinstance(raw, Mapping):
         raise ConfigError(source, "a scenario must be a YAML mapping with name, model and silos")
-    unknown = set(raw) - {"name", "description", "model", "train", "rounds", "silos"}
+    unknown = set(raw) - {"name", "description", "model", "train", "rounds", "study", "silos"}
     if unknown:
         raise ConfigError(f"{source}: {sorted(unknown)[0]}", "unknown key",
-                          "a scenario has name, description, model, train, rounds and silos")
+                          "a scenario has name, description, model, train, rounds, study and silos")
     rounds = raw.get("rounds", 3)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"{source}: rounds", f"must be a whole number >= 1, got {rounds!r}")
@@ -152,6 +153,14 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
     validate_model(model, f"{source}: model")
     train = from_mapping(TrainConfig, raw.get("train") or {}, f"{source}: train")
     validate_train(train, f"{source}: train")
+    study = None
+    if raw.get("study") is not None:
+        study = from_mapping(StudyBudget, raw["study"], f"{source}: study")
+        for key in ("rounds", "local_steps", "batch_size", "stage2_steps"):
+            value = getattr(study, key)
+            if value < (0 if key == "stage2_steps" else 1):
+                raise ConfigError(f"{source}: study.{key}", f"must be a whole number >= {0 if key == 'stage2_steps' else 1}"
+                                                            f", got {value!r}")
     silos_raw = raw.get("silos")
     if not isinstance(silos_raw, list) or not silos_raw:
         raise ConfigError(f"{source}: silos", "needs a non-empty list of silos")
@@ -168,6 +177,7 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
         train=train,
         source=source,
         rounds=rounds,
+        study=study,
     )
 
 

@@ -96,12 +96,26 @@ def test_unreadable_or_missing_files(tmp_path):
         load_scenario("tap-bench-maxi")
 
 
+def test_a_study_budget_is_parsed_and_checked(tmp_path):
+    from tap_core.config import StudyBudget
+
+    assert load_scenario(str(write(tmp_path, GOOD))).study is None
+    data = {**GOOD, "study": {"rounds": 5, "local_steps": 20, "batch_size": 8, "stage2_steps": 30}}
+    assert load_scenario(str(write(tmp_path, data))).study == StudyBudget(5, 20, 8, 30)
+    message = broken(tmp_path, lambda d: d.update(study={"rounds": 0}))
+    assert "study.rounds" in message and ">= 1" in message
+    message = broken(tmp_path, lambda d: d.update(study={"kd_steps": 3}))
+    assert "study" in message and "kd_steps" in message
+
+
 def test_builtin_scenarios_parse():
     mini = load_scenario("tap-bench-mini")
     kinds = {t.kind for s in mini.silos for t in s.tasks}
     modalities = {m for s in mini.silos for t in s.tasks for m in t.modalities}
     assert kinds == {"classification", "image_generation", "text_generation"} and modalities == {"image", "text"}
     assert len(mini.silos) <= 6
+    # every algorithm gets the same steps only with ft_steps == kd_steps (the study runs the scenario's budget)
+    assert mini.train.ft_steps == mini.train.kd_steps and mini.study is None
     bench = load_scenario("tap-bench")
     assert len(bench.silos) >= 30
 
