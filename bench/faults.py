@@ -138,6 +138,8 @@ def load_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcome
 
 
 def print_table(outcomes: list[ScenarioOutcome]) -> None:
+    if not outcomes:  # e.g. --only fuzz: the campaign prints its own line
+        return
     width = max(len(o.name) for o in outcomes)
     print(f"\n{'scenario':<{width}}  held  seconds  evidence")
     print(f"{'-' * width}  ----  -------  --------")
