@@ -141,6 +141,27 @@ def fold(total: torch.Tensor, tensor: torch.Tensor, weight: float) -> None:
         np.add(target[start:stop], part, out=target[start:stop])
 
 
+def squared_distance(tensor: torch.Tensor, base: torch.Tensor | None = None) -> float:
+    """sum((tensor - base)^2) in float64 (``base`` None: of ``tensor`` itself), slice by slice.
+
+    One read of each operand and no full-size temporary: the update-norm bound runs this on every upload
+    under the federation lock. NaN or inf anywhere gives NaN or inf.
+    """
+    source = _flat(tensor)
+    reference = _flat(base) if base is not None else None
+    scratch = np.empty(min(SLICE, source.size), np.float64)
+    total = 0.0
+    for start in range(0, source.size, SLICE):
+        stop = min(start + SLICE, source.size)
+        part = scratch[: stop - start]
+        if reference is None:
+            part[...] = source[start:stop]
+        else:
+            np.subtract(source[start:stop], reference[start:stop], out=part, dtype=np.float64)
+        total += float(np.dot(part, part))
+    return total
+
+
 def mean(total: torch.Tensor, weight: float) -> torch.Tensor:
     """float32(total / weight), a new float32 tensor."""
     out = torch.empty(total.shape, dtype=torch.float32)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping
 
-import torch
-
 from tap_core.config import LimitsConfig, validate_task
 from tap_core.errors import ConfigError, Rejected
 from tap_core.finite import all_finite
 from tap_core.layout import Layout
 from tap_core.messages import ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model.tap_model import ComponentValues
+from tap_server.aggregation import squared_distance
 
 
 def check_update(update: ClientUpdate, expected: Layout, owned: set[str], expected_weights: Mapping[str, float]) -> None:
@@ -143,11 +142,6 @@ def check_declaration(decl: SiloDeclaration, limits: LimitsConfig | None = None)
                                           "(limits.max_labels_per_silo)")
 
 
-def global_norm_sq(tensors: dict[str, torch.Tensor]) -> float:
-    """Squared L2 norm of one component's tensors, accumulated in float64 without float64 copies."""
-    return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in tensors.values())
-
-
 def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: float | None,
                       reference_sq: dict[str, float] | None = None) -> None:
     """Refuse an update that moves a component further than ``ratio`` times the component's global norm.
@@ -163,12 +157,9 @@ def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: 
     for component, tensors in values.items():
         reference = current[component]
         if component not in cache:
-            cache[component] = global_norm_sq(reference)
-        delta_sq = 0.0
-        elements = 0
-        for name, tensor in tensors.items():
-            delta_sq += float(torch.linalg.vector_norm(tensor - reference[name], dtype=torch.float64)) ** 2
-            elements += tensor.numel()
+            cache[component] = sum(squared_distance(t) for t in reference.values())
+        delta_sq = sum(squared_distance(tensor, reference[name]) for name, tensor in tensors.items())
+        elements = sum(tensor.numel() for tensor in tensors.values())
         bound = ratio * max(math.sqrt(cache[component]), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
         change = math.sqrt(delta_sq)
         if not change <= bound:  # also refuses NaN

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -94,3 +96,20 @@ def test_aggregation_is_bitwise_the_float64_expression_and_reuses_the_last_round
             assert torch.equal(result["a"][name], expected), (round_index, name)
         previous = aggregator
     assert pointers[0] == pointers[1] == pointers[2]  # the float64 sums stayed allocated between rounds
+
+
+def test_squared_distance_is_the_float64_sum_over_slices_and_keeps_nan_and_inf():
+    from tap_server.aggregation import SLICE, squared_distance
+
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(SLICE * 2 + 17, generator=generator)  # more than one slice, and a ragged last one
+    b = torch.randn(SLICE * 2 + 17, generator=generator)
+    expected = float(((a.double() - b.double()) ** 2).sum())
+    assert squared_distance(a, b) == pytest.approx(expected, rel=1e-12)
+    assert squared_distance(a) == pytest.approx(float((a.double() ** 2).sum()), rel=1e-12)
+    half = a.to(torch.bfloat16)  # numpy has no bf16: widened exactly
+    assert squared_distance(half) == pytest.approx(float((half.double() ** 2).sum()), rel=1e-12)
+    a[5] = float("nan")
+    assert math.isnan(squared_distance(a, b))
+    b[5], a[5] = 0.0, float("inf")
+    assert math.isinf(squared_distance(a, b))
