@@ -331,33 +331,22 @@ class Federation:
             return UploadSlot(round_index, self._travelling(silo), frozenset(s.layout))
 
     def submit_update(self, update: ClientUpdate) -> None:
-        """Validate and fold in one silo's upload; closes the round when the last one arrives.
-
-        The checks read only the update, the silo's plan and this round's global values, none of which change
-        while the round is open (a round's close replaces the global values, it never writes into them), so
-        they run outside the lock: concurrent uploads validate in parallel and only the fold is serialised.
-        """
+        """Validate and fold in one silo's upload; closes the round when the last one arrives."""
         with self._lock:
-            slot = self.admit_upload(update.silo, update.round)
+            slot = self.admit_upload(update.silo, update.round)  # again: the round may have moved on meanwhile
             s = self._state
             plan = s.silo_plans[update.silo]
             expected_weights = component_weights(plan, s.declarations[update.silo].train_samples, list(slot.layout))
-            global_values = s.global_values
-            if self._global_norms[0] != s.round:
-                self._global_norms = (s.round, {})
-            norms = self._global_norms[1]
-        try:
-            check_update(update, slot.layout, set(plan.components), expected_weights)
-            check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
-            check_update_norm(update.values, global_values, self._config.aggregation.max_update_norm_ratio, norms)
-        except Rejected as exc:
-            with self._lock:
-                self.admit_upload(update.silo, update.round)  # the round moved on meanwhile: that is the answer
+            try:
+                check_update(update, slot.layout, set(plan.components), expected_weights)
+                check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
+                if self._global_norms[0] != s.round:
+                    self._global_norms = (s.round, {})
+                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio,
+                                  self._global_norms[1])
+            except Rejected as exc:
                 self._refuse_update(update.silo, exc)
-            raise
-        with self._lock:
-            self.admit_upload(update.silo, update.round)  # again: the round may have moved on meanwhile
-            s = self._state
+                raise
             self._aggregator.add(update.values, self._round_weights()[update.silo])
             self._received[update.silo] = update.stats
             self._refused.pop(update.silo, None)  # a valid update after a refused one counts
