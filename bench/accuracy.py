@@ -60,12 +60,30 @@ def run_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs = []
     for seed in args.seeds:
         for algorithm in args.algorithms:
-            specs.append(dict(
-                scenario=args.scenario, algorithm=algorithm, rounds=args.rounds, seed=seed, model=args.model,
-                clients_per_round=args.clients_per_round, local_steps=args.local_steps, batch_size=args.batch_size,
-                grad_accum=None, peak_lr=args.peak_lr, min_lr=None, replacement=None, margin=None,
-                ft_steps=args.stage2_steps, kd_steps=args.stage2_steps, kd_temperature=None, kd_weight=None,
-                device=args.device, threads=args.threads, wire_dtype=None))
+            specs.append(
+                dict(
+                    scenario=args.scenario,
+                    algorithm=algorithm,
+                    rounds=args.rounds,
+                    seed=seed,
+                    model=args.model,
+                    clients_per_round=args.clients_per_round,
+                    local_steps=args.local_steps,
+                    batch_size=args.batch_size,
+                    grad_accum=None,
+                    peak_lr=args.peak_lr,
+                    min_lr=None,
+                    replacement=None,
+                    margin=None,
+                    ft_steps=args.stage2_steps,
+                    kd_steps=args.stage2_steps,
+                    kd_temperature=None,
+                    kd_weight=None,
+                    device=args.device,
+                    threads=args.threads,
+                    wire_dtype=None,
+                )
+            )
     return specs
 
 
@@ -75,8 +93,11 @@ def run_all(specs: list[dict[str, Any]], jobs: int, out: Path) -> list[dict[str,
     for spec in specs:
         path = out / f"{spec['algorithm']}-seed{spec['seed']}.json"
         cached = json.loads(path.read_text()) if path.is_file() else None
-        if cached is not None and cached.get("config", {}).get("train", {}).get("eval_every_round") and \
-                _same_run(cached, spec):
+        if (
+            cached is not None
+            and cached.get("config", {}).get("train", {}).get("eval_every_round")
+            and _same_run(cached, spec)
+        ):
             reports.append(cached)
         else:
             todo.append(spec)
@@ -92,9 +113,12 @@ def run_all(specs: list[dict[str, Any]], jobs: int, out: Path) -> list[dict[str,
             (out / f"{spec['algorithm']}-seed{spec['seed']}.json").write_text(json.dumps(report, indent=2))
             elapsed = time.perf_counter() - started
             eta = elapsed / done * (len(todo) - done)
-            print(f"[{done}/{len(todo)}] {spec['algorithm']} seed {spec['seed']}: mean primary "
-                  f"{report['mean_primary']:.4f} ({elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{done}/{len(todo)}] {spec['algorithm']} seed {spec['seed']}: mean primary "
+                f"{report['mean_primary']:.4f} ({elapsed / 60:.1f} min elapsed, ETA {eta / 60:.1f} min)",
+                file=sys.stderr,
+                flush=True,
+            )
     return reports
 
 
@@ -104,8 +128,13 @@ def _same_run(report: dict[str, Any], spec: dict[str, Any]) -> bool:
     wanted = {"rounds": spec["rounds"], "seed": spec["seed"], "algorithm": spec["algorithm"]}
     if any(config[k] != v for k, v in wanted.items()) or report["scenario"] != _scenario_name(spec["scenario"]):
         return False
-    for key, option in (("local_steps", "local_steps"), ("ft_steps", "ft_steps"), ("kd_steps", "kd_steps"),
-                        ("batch_size", "batch_size"), ("peak_lr", "peak_lr")):
+    for key, option in (
+        ("local_steps", "local_steps"),
+        ("ft_steps", "ft_steps"),
+        ("kd_steps", "kd_steps"),
+        ("batch_size", "batch_size"),
+        ("peak_lr", "peak_lr"),
+    ):
         if spec[option] is not None and train[key] != spec[option]:
             return False
     return spec["model"] is None or config["model"]["size"] in spec["model"]
@@ -157,7 +186,9 @@ def summarise(rows: list[dict[str, Any]], algorithms: list[str]) -> dict[str, An
         mean, std = mean_std([r["mean_primary"] for r in runs])
         tasks = sorted({t for r in runs for t in r["by_task"]})
         summary[name] = {
-            "mean": mean, "std": std, "seeds": [r["seed"] for r in runs],
+            "mean": mean,
+            "std": std,
+            "seeds": [r["seed"] for r in runs],
             "by_task": {t: dict(zip(("mean", "std"), mean_std([r["by_task"][t] for r in runs]))) for t in tasks},
             "steps_per_silo": runs[0]["steps_per_silo"],
             "replacements": statistics.mean(r["replacements"] for r in runs),
@@ -211,15 +242,20 @@ def replacements_by_task_and_round(reports: list[dict[str, Any]]) -> dict[str, d
 
 def print_tables(summary: dict[str, Any], base: dict[str, float], rows: list[dict[str, Any]]) -> None:
     tasks = list(base)
-    header = (f"{'algorithm':<10} {'mean over silos':>15} " + " ".join(f"{t:>15}" for t in tasks)
-              + f" {'steps':>6} {'repl.':>6} {'wire MB':>8}")
+    header = (
+        f"{'algorithm':<10} {'mean over silos':>15} "
+        + " ".join(f"{t:>15}" for t in tasks)
+        + f" {'steps':>6} {'repl.':>6} {'wire MB':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, row in summary.items():
         cells = " ".join(f"{row['by_task'][t]['mean']:>7.3f} ± {row['by_task'][t]['std']:.3f}" for t in tasks)
         steps = row["steps_per_silo"]
-        print(f"{name:<10} {row['mean']:>7.3f} ± {row['std']:.3f} {cells} {str(steps):>6} "
-              f"{row['replacements']:>6.1f} {row['wire_mb']:>8.1f}")
+        print(
+            f"{name:<10} {row['mean']:>7.3f} ± {row['std']:.3f} {cells} {str(steps):>6} "
+            f"{row['replacements']:>6.1f} {row['wire_mb']:>8.1f}"
+        )
     cells = " ".join(f"{base[t]:>15.3f}" for t in tasks)
     print(f"{'baseline':<10} {'':>15} {cells}   (trivial predictor on the same test split)")
     if REFERENCE in summary:
@@ -230,12 +266,20 @@ def print_tables(summary: dict[str, Any], base: dict[str, float], rows: list[dic
             paired = paired_against(rows, REFERENCE, name)
             if paired:
                 t = f"{paired['t']:+.1f}" if abs(paired["t"]) < 1e3 else ("≫ 0" if paired["t"] > 0 else "≪ 0")
-                print(f"  vs {name:<10} {paired['mean_difference']:+.4f} ± {paired['std']:.4f}  t = {t}"
-                      f"  {REFERENCE} better on {paired['seeds_won']}/{paired['seeds']} seeds")
+                print(
+                    f"  vs {name:<10} {paired['mean_difference']:+.4f} ± {paired['std']:.4f}  t = {t}"
+                    f"  {REFERENCE} better on {paired['seeds_won']}/{paired['seeds']} seeds"
+                )
 
 
-def plot(summary: dict[str, Any], base: dict[str, float], curve: dict[str, Any], replaced: dict[str, Any],
-         out: Path, title: str) -> list[Path]:
+def plot(
+    summary: dict[str, Any],
+    base: dict[str, float],
+    curve: dict[str, Any],
+    replaced: dict[str, Any],
+    out: Path,
+    title: str,
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,8 +297,15 @@ def plot(summary: dict[str, Any], base: dict[str, float], curve: dict[str, Any],
         stds = [row["std"]] + [row["by_task"][t]["std"] for t in tasks]
         ax.bar([g + i * width for g in range(len(groups))], means, width, yerr=stds, capsize=3, label=name)
     for g, task in enumerate(tasks, start=1):
-        ax.hlines(base[task], g - 0.05, g + 0.85, colors="black", linestyles="--", linewidth=1.5,
-                  label="trivial baseline" if g == 1 else None)
+        ax.hlines(
+            base[task],
+            g - 0.05,
+            g + 0.85,
+            colors="black",
+            linestyles="--",
+            linewidth=1.5,
+            label="trivial baseline" if g == 1 else None,
+        )
     ax.set_xticks([g + width * (len(names) - 1) / 2 for g in range(len(groups))], groups)
     ax.set_ylabel("primary score (mean ± std over seeds)")
     ax.set_title(title)
@@ -309,10 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="tap-bench-mini", help="built-in scenario or YAML path")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rounds", type=int, default=None, help="default: the scenario's study budget (its study: block, else its rounds) (--quick: 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="default: the scenario's study budget (its study: block, else its rounds) (--quick: 2)",
+    )
     parser.add_argument("--local-steps", type=int, default=None, help="E (default: the scenario's study budget)")
-    parser.add_argument("--stage2-steps", type=int, default=None,
-                        help="ft_steps = kd_steps: the same stage-2 budget for every algorithm (default: the scenario's study budget)")
+    parser.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=None,
+        help="ft_steps = kd_steps: the same stage-2 budget for every algorithm (default: the scenario's study budget)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the scenario's study budget")
     parser.add_argument("--peak-lr", type=float, default=None)
     parser.add_argument("--clients-per-round", type=int, default=None)
@@ -336,13 +396,18 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_size = args.batch_size or budget.batch_size
     if args.stage2_steps is None:
         args.stage2_steps = budget.stage2_steps
-    out = args.out or Path("bench/results/accuracy") / (("quick-" if args.quick else "") + _scenario_name(args.scenario))
+    out = args.out or Path("bench/results/accuracy") / (
+        ("quick-" if args.quick else "") + _scenario_name(args.scenario)
+    )
     out.mkdir(parents=True, exist_ok=True)
     jobs = args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1))
 
     specs = run_specs(args)
-    print(f"{len(specs)} runs ({', '.join(args.algorithms)} x seeds {args.seeds}) on {args.scenario}, "
-          f"{args.rounds} rounds, {jobs} at a time", file=sys.stderr)
+    print(
+        f"{len(specs)} runs ({', '.join(args.algorithms)} x seeds {args.seeds}) on {args.scenario}, "
+        f"{args.rounds} rounds, {jobs} at a time",
+        file=sys.stderr,
+    )
     reports = run_all(specs, jobs, out)
     order = {a: i for i, a in enumerate(args.algorithms)}
     reports.sort(key=lambda r: (order[r["algorithm"]], r["seed"]))
@@ -357,9 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         "paired": {name: paired_against(rows, REFERENCE, name) for name in summary if name != REFERENCE},
         "curves": {name: {str(r): v for r, v in points.items()} for name, points in curves(reports).items()},
         "replacements_by_task_and_round": replacements_by_task_and_round(reports),
-        "setup": {"scenario": args.scenario, "rounds": args.rounds, "seeds": args.seeds,
-                  "config": reports[0]["config"], "device": device_name(args.device),
-                  "test_examples": test_sizes(reports[0])},
+        "setup": {
+            "scenario": args.scenario,
+            "rounds": args.rounds,
+            "seeds": args.seeds,
+            "config": reports[0]["config"],
+            "device": device_name(args.device),
+            "test_examples": test_sizes(reports[0]),
+        },
     }
     title = f"{args.scenario}: {args.rounds} rounds, {len(args.seeds)} seeds"
     paths = plot(summary, base, curves(reports), replacements_by_task_and_round(reports), out, title)

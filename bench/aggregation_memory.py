@@ -36,7 +36,9 @@ def child(clients: int, preset: str) -> None:
     tasks = (TaskSpec("cls", "classification", ("image",)), TaskSpec("vqa", "text_generation", ("image", "text")))
     federation = Federation(config, expected_silos=clients)
     for i in range(clients):
-        federation.register(SiloDeclaration(f"s{i:03d}", tasks, {"cls": 100, "vqa": 100}, {"cls": ["a", "b"]}, fingerprint))
+        federation.register(
+            SiloDeclaration(f"s{i:03d}", tasks, {"cls": 100, "vqa": 100}, {"cls": ["a", "b"]}, fingerprint)
+        )
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     update_bytes = 0
     started = time.perf_counter()
@@ -46,12 +48,24 @@ def child(clients: int, preset: str) -> None:
         update_bytes = sum(t.numel() * 4 for ts in noisy.values() for t in ts.values())
         plan = federation.silo_plan(silo)
         weights = {c: float(sum(100 for t in plan.tasks if c in plan.task_components(t.name))) for c in noisy}
-        federation.submit_update(ClientUpdate(silo, 1, noisy, weights, RoundStats(task_losses={"cls": 1.0, "vqa": 2.0})))
+        federation.submit_update(
+            ClientUpdate(silo, 1, noisy, weights, RoundStats(task_losses={"cls": 1.0, "vqa": 2.0}))
+        )
         del noisy, values
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"clients": clients, "update_mb": update_bytes / 1e6, "baseline_mb": baseline / 1024,
-                      "peak_mb": peak / 1024, "round_growth_mb": (peak - baseline) / 1024, "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "clients": clients,
+                "update_mb": update_bytes / 1e6,
+                "baseline_mb": baseline / 1024,
+                "peak_mb": peak / 1024,
+                "round_growth_mb": (peak - baseline) / 1024,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -63,14 +77,23 @@ def main() -> None:
     if args.child is not None:
         child(args.child, args.preset)
         return
-    print(f"{'clients':>7} {'update MB':>9} {'RSS after join MB':>17} {'peak RSS MB':>11} {'growth in round MB':>18} "
-          f"{'round s':>8}   (preset {args.preset})")
+    print(
+        f"{'clients':>7} {'update MB':>9} {'RSS after join MB':>17} {'peak RSS MB':>11} {'growth in round MB':>18} "
+        f"{'round s':>8}   (preset {args.preset})"
+    )
     for n in args.clients:
-        out = subprocess.run([sys.executable, __file__, "--child", str(n), "--preset", args.preset],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(n), "--preset", args.preset],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{r['clients']:>7} {r['update_mb']:>9.2f} {r['baseline_mb']:>17.0f} {r['peak_mb']:>11.0f} "
-              f"{r['round_growth_mb']:>18.1f} {r['seconds']:>8.2f}", flush=True)
+        print(
+            f"{r['clients']:>7} {r['update_mb']:>9.2f} {r['baseline_mb']:>17.0f} {r['peak_mb']:>11.0f} "
+            f"{r['round_growth_mb']:>18.1f} {r['seconds']:>8.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

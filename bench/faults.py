@@ -81,15 +81,23 @@ def fault_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcom
         ("server kills", lambda: server_kills(root / "server-chain", SERVER_CHAIN, reference, retry_s=retry)),
     ]
     if args.each_point:
-        runs += [(f"server kill {point}", lambda p=point: server_kills(root / f"server-{p.replace(':', '-')}", [p],
-                                                                         reference, retry_s=retry))
-                 for point in SERVER_CHAIN]
+        runs += [
+            (
+                f"server kill {point}",
+                lambda p=point: server_kills(root / f"server-{p.replace(':', '-')}", [p], reference, retry_s=retry),
+            )
+            for point in SERVER_CHAIN
+        ]
     sleep_s = 10.0 if args.quick else 60.0
     runs += [
         ("agent kills", lambda: agent_kills(root / "agents", None, reference, retry_s=retry)),
         ("network", lambda: network_faults(root / "network", reference, retry_s=retry)),
-        ("silent training", lambda: silent_training(root / "silent", train_sleep_s=sleep_s, idle_timeout_s=5.0,
-                                                    reference=reference, retry_s=retry)),
+        (
+            "silent training",
+            lambda: silent_training(
+                root / "silent", train_sleep_s=sleep_s, idle_timeout_s=5.0, reference=reference, retry_s=retry
+            ),
+        ),
         ("agent disk full", lambda: agent_disk_full(root / "agent-full", reference=reference, retry_s=retry)),
         ("disk full", lambda: state_volume_fault(root / "full", "full", reference=reference)),
         ("read-only", lambda: state_volume_fault(root / "ro", "read_only", reference=reference)),
@@ -132,8 +140,10 @@ def load_scenarios(root: Path, args: argparse.Namespace) -> list[ScenarioOutcome
     silos, rounds = args.load_silos, 3 if args.quick else 5
     return [
         _guarded(f"load {silos}", lambda: load_run(root / "load", silos=silos, rounds=rounds)),
-        _guarded(f"load {silos} with attackers", lambda: load_run(root / "load-hostile", silos=silos, rounds=rounds,
-                                                                   attackers=True, round_s=30.0)),
+        _guarded(
+            f"load {silos} with attackers",
+            lambda: load_run(root / "load-hostile", silos=silos, rounds=rounds, attackers=True, round_s=30.0),
+        ),
     ]
 
 
@@ -145,13 +155,25 @@ def print_table(outcomes: list[ScenarioOutcome]) -> None:
     print(f"{'-' * width}  ----  -------  --------")
     for o in outcomes:
         evidence = o.detail if not o.passed else _evidence(o.numbers)
-        print(f"{o.name:<{width}}  {'yes' if o.passed else 'NO':<4}  {o.numbers.get('seconds', ''):>7}  {evidence[:160]}")
+        print(
+            f"{o.name:<{width}}  {'yes' if o.passed else 'NO':<4}  {o.numbers.get('seconds', ''):>7}  {evidence[:160]}"
+        )
 
 
 def _evidence(numbers: dict[str, Any]) -> str:
     """The few numbers a reader compares, when a scenario held."""
-    keys = ["model_max_abs_diff", "metrics_max_abs_diff", "aggregate_max_abs_error", "server_starts",
-            "rss_growth_after_round_2_mb", "peak_rss_mb", "rounds_per_s", "accepted_per_round", "volume", "missed_rounds"]
+    keys = [
+        "model_max_abs_diff",
+        "metrics_max_abs_diff",
+        "aggregate_max_abs_error",
+        "server_starts",
+        "rss_growth_after_round_2_mb",
+        "peak_rss_mb",
+        "rounds_per_s",
+        "accepted_per_round",
+        "volume",
+        "missed_rounds",
+    ]
     shown = {k: numbers[k] for k in keys if k in numbers}
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
@@ -186,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-cases", type=int, default=None, help="fuzz cases per handler (1000; --quick: 30)")
     parser.add_argument("--each-point", action="store_true", help="also one federation per server kill point")
     parser.add_argument("--retry-s", type=float, default=None, help="cap the agents' backoff (default: the real 30 s)")
-    parser.add_argument("--match", nargs="+", default=None,
-                        help="only the fault scenarios whose key contains one of these (e.g. 'server kill' 'network')")
+    parser.add_argument(
+        "--match",
+        nargs="+",
+        default=None,
+        help="only the fault scenarios whose key contains one of these (e.g. 'server kill' 'network')",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="run under this directory and keep it (logs)")
     args = parser.parse_args(argv)
     args.load_silos = args.load_silos or (16 if args.quick else 64)
@@ -221,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
     }
     if fuzz is not None:
-        print(f"\nfuzz: {fuzz['cases']} cases, {fuzz['crashes']} crashes, {fuzz['internal_errors']} INTERNAL answers, "
-              f"{fuzz['aggregate_corruptions']} aggregate corruptions")
+        print(
+            f"\nfuzz: {fuzz['cases']} cases, {fuzz['crashes']} crashes, {fuzz['internal_errors']} INTERNAL answers, "
+            f"{fuzz['aggregate_corruptions']} aggregate corruptions"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=str))

@@ -71,11 +71,16 @@ def measure(size: str, device_name: str, steps: int, batch: int, amp: bool, toke
     trainable = sum(p.numel() for p in model.trainable_parameters())
     total = sum(p.numel() for p in model.parameters())
     return {
-        "size": size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "amp_bf16": trainer.autocast_enabled, "batch": batch, "steps": steps,
-        "samples_per_s": result.samples / seconds, "step_ms": 1000 * seconds / steps,
+        "size": size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "amp_bf16": trainer.autocast_enabled,
+        "batch": batch,
+        "steps": steps,
+        "samples_per_s": result.samples / seconds,
+        "step_ms": 1000 * seconds / steps,
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "trainable_params": trainable, "total_params": total,
+        "trainable_params": trainable,
+        "total_params": total,
         "final_losses": {k: round(v, 4) for k, v in result.losses.items()},
         "trainable_dtypes": sorted({str(p.dtype) for p in model.trainable_parameters()}),
         "norm_moved": float((norm.detach() - norm_before).abs().max()),
@@ -119,11 +124,14 @@ def main() -> None:
             for amp in amps:
                 rows.append(measure(size, args.device, args.steps, batch, amp, args.tokenizer))
                 r = rows[-1]
-                print(f"{r['size']:<6} {r['device']:<24} bf16={str(r['amp_bf16']):<5} batch={r['batch']:<4} "
-                  f"{r['samples_per_s']:9.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
-                  f"peak {r['peak_gpu_mib'] or 0:8.0f} MiB  trainable {r['trainable_params'] / 1e6:.2f}M / "
-                  f"{r['total_params'] / 1e6:.1f}M  losses {r['final_losses']}  trainable {r['trainable_dtypes']} "
-                      f"norm moved {r['norm_moved']:.2e}", flush=True)
+                print(
+                    f"{r['size']:<6} {r['device']:<24} bf16={str(r['amp_bf16']):<5} batch={r['batch']:<4} "
+                    f"{r['samples_per_s']:9.1f} samples/s  {r['step_ms']:8.1f} ms/step  "
+                    f"peak {r['peak_gpu_mib'] or 0:8.0f} MiB  trainable {r['trainable_params'] / 1e6:.2f}M / "
+                    f"{r['total_params'] / 1e6:.1f}M  losses {r['final_losses']}  trainable {r['trainable_dtypes']} "
+                    f"norm moved {r['norm_moved']:.2e}",
+                    flush=True,
+                )
     if args.profile:
         profile(args.size[-1], args.device, args.batch[-1], args.tokenizer)
     if args.json:

@@ -35,8 +35,20 @@ def has_workers_option(tree: Path) -> bool:
 
 
 def run_once(tree: Path, workers: int | None, seed: int, scenario: str, extra: list[str], out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "tap_cli.cli", "simulate", "--scenario", scenario, "--seed", str(seed),
-               "--no-progress", "--report", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "tap_cli.cli",
+        "simulate",
+        "--scenario",
+        scenario,
+        "--seed",
+        str(seed),
+        "--no-progress",
+        "--report",
+        str(out),
+        *extra,
+    ]
     if workers is not None:
         command += ["--workers", str(workers)]
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -57,7 +69,9 @@ def main() -> None:
     parser.add_argument("--scenario", default="tap-bench-mini")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts of this tree")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--compare", metavar="REF", default=None, help="also run the code of REF (git ref or directory)")
+    parser.add_argument(
+        "--compare", metavar="REF", default=None, help="also run the code of REF (git ref or directory)"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("extra", nargs="*", help="more tap simulate options, after --")
     args = parser.parse_args()
@@ -78,18 +92,24 @@ def main() -> None:
                     result = run_once(tree, workers, seed, args.scenario, args.extra, Path(scratch) / "report.json")
                     runs.append({"label": label, "seed": seed, **result})
                     elapsed = time.perf_counter() - started
-                    print(f"[{len(runs)}/{total}] seed {seed} {label}: {result['wall_s']:.1f} s wall, "
-                          f"{result['cpu_s']:.1f} s CPU, mean primary {result['mean_primary']:.4f} "
-                          f"(elapsed {elapsed:.0f}s, eta {elapsed / len(runs) * (total - len(runs)):.0f}s)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{len(runs)}/{total}] seed {seed} {label}: {result['wall_s']:.1f} s wall, "
+                        f"{result['cpu_s']:.1f} s CPU, mean primary {result['mean_primary']:.4f} "
+                        f"(elapsed {elapsed:.0f}s, eta {elapsed / len(runs) * (total - len(runs)):.0f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         if ref_tree is not None:
             remove_checkout(ref_tree, holder)
 
     same = True
     for seed in args.seeds:
-        mine = [{k: v for k, v in r["report"].items() if k != "timing"} for r in runs
-                if r["seed"] == seed and r["label"].startswith("workers=")]
+        mine = [
+            {k: v for k, v in r["report"].items() if k != "timing"}
+            for r in runs
+            if r["seed"] == seed and r["label"].startswith("workers=")
+        ]
         same &= all(report == mine[0] for report in mine)
     print(f"tap simulate --scenario {args.scenario} {' '.join(args.extra)}; seeds {args.seeds}; median (min-max)")
     print("| version | wall s | CPU s | mean primary per seed |")
@@ -99,17 +119,25 @@ def main() -> None:
         mine = [r for r in runs if r["label"] == label]
         wall, cpu = spread([r["wall_s"] for r in mine]), spread([r["cpu_s"] for r in mine])
         primary = {r["seed"]: r["mean_primary"] for r in mine}
-        summary[label] = {"wall_s": wall, "cpu_s": cpu, "mean_primary": primary,
-                          "mean_over_seeds": statistics.mean(primary.values())}
-        print(f"| {label} | {wall['median']:.1f} ({wall['min']:.1f}-{wall['max']:.1f}) | "
-              f"{cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) | "
-              + ", ".join(f"{s}: {p:.4f}" for s, p in primary.items()) + " |")
+        summary[label] = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "mean_primary": primary,
+            "mean_over_seeds": statistics.mean(primary.values()),
+        }
+        print(
+            f"| {label} | {wall['median']:.1f} ({wall['min']:.1f}-{wall['max']:.1f}) | "
+            f"{cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) | "
+            + ", ".join(f"{s}: {p:.4f}" for s, p in primary.items())
+            + " |"
+        )
     print(f"reports of every worker count identical apart from timing: {same}")
     if args.json:
         for run in runs:
             run["report"] = {k: run["report"][k] for k in ("mean_primary", "tasks", "timing") if k in run["report"]}
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "identical": same,
-                                               "runs": runs}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "summary": summary, "identical": same, "runs": runs}, indent=2)
+        )
     if not same:
         raise SystemExit("worker counts gave different reports")
 

@@ -79,8 +79,10 @@ def main() -> None:
     from tap_core.training.trainer import constant_schedule
 
     worker = Worker(threads=1, train_examples=256, eval_examples=16)
-    print(f"CPU seconds per step ({args.steps} steps x {args.repeats} repeats, batch {args.batch}, 1 thread): "
-          "median; the slow-down when one optimisation is off")
+    print(
+        f"CPU seconds per step ({args.steps} steps x {args.repeats} repeats, batch {args.batch}, 1 thread): "
+        "median; the slow-down when one optimisation is off"
+    )
     print("| preset | task | all on | " + " | ".join(f"without {a}" for a in ABLATIONS[1:]) + " |")
     print("|---|---|---|" + "---|" * (len(ABLATIONS) - 1))
     for preset in args.presets:
@@ -96,13 +98,16 @@ def main() -> None:
                     bench = benches[name]
                     with switched_off(name):
                         started = time.process_time()
-                        bench.runtime.trainer.train(bench.model, bench.runtime.tensors, args.steps, repeat,
-                                                    constant_schedule(1e-4))
+                        bench.runtime.trainer.train(
+                            bench.model, bench.runtime.tensors, args.steps, repeat, constant_schedule(1e-4)
+                        )
                         if repeat:  # the first round warms up
                             times[name].append((time.process_time() - started) / args.steps)
             base = statistics.median(times["all_on"])
-            cells = [f"{statistics.median(times[n]) * 1000:.0f} ms (x{statistics.median(times[n]) / base:.2f})"
-                     for n in ABLATIONS[1:]]
+            cells = [
+                f"{statistics.median(times[n]) * 1000:.0f} ms (x{statistics.median(times[n]) / base:.2f})"
+                for n in ABLATIONS[1:]
+            ]
             print(f"| {preset} | {task} | {base * 1000:.0f} ms | " + " | ".join(cells) + " |", flush=True)
 
 

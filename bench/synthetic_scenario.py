@@ -28,8 +28,12 @@ def write_npz(path: Path, n: int, seed: int, size: int = 32) -> None:
     for i, c in enumerate(classes):
         images[i, :, :, c] += 200
     labels = np.array([COLOURS[c] for c in classes])
-    texts = np.array([f"a {COLOURS[c]} square number {i % 7}" if i % 2 else "what colour is the square"
-                      for i, c in enumerate(classes)])
+    texts = np.array(
+        [
+            f"a {COLOURS[c]} square number {i % 7}" if i % 2 else "what colour is the square"
+            for i, c in enumerate(classes)
+        ]
+    )
     np.savez(path, images=images, labels=labels, texts=texts, targets=labels)
 
 
@@ -54,12 +58,27 @@ def main() -> None:
         "name": "synthetic",
         "model": {"backbone": "flava", "size": "tiny", **({"tokenizer": args.tokenizer} if args.tokenizer else {})},
         "silos": [
-            {"id": "s0", "tasks": [{**colour, "data": data(0, labels_key="labels")},
-                                   {**vqa, "data": data(0, texts_key="texts", targets_key="targets")}]},
-            {"id": "s1", "tasks": [{**colour, "data": data(1, labels_key="labels")},
-                                   {**words, "data": {**data(1, texts_key="texts", labels_key="labels")}}]},
-            {"id": "s2", "tasks": [{**recon, "data": data(2)},
-                                   {**vqa, "data": data(2, texts_key="texts", targets_key="targets")}]},
+            {
+                "id": "s0",
+                "tasks": [
+                    {**colour, "data": data(0, labels_key="labels")},
+                    {**vqa, "data": data(0, texts_key="texts", targets_key="targets")},
+                ],
+            },
+            {
+                "id": "s1",
+                "tasks": [
+                    {**colour, "data": data(1, labels_key="labels")},
+                    {**words, "data": {**data(1, texts_key="texts", labels_key="labels")}},
+                ],
+            },
+            {
+                "id": "s2",
+                "tasks": [
+                    {**recon, "data": data(2)},
+                    {**vqa, "data": data(2, texts_key="texts", targets_key="targets")},
+                ],
+            },
         ],
     }
     (args.out / "scenario.yaml").write_text(yaml.safe_dump(scenario, sort_keys=False))

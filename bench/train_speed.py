@@ -44,8 +44,10 @@ RESULT = "RESULT "  # prefix of the worker's answer lines (anything else on stdo
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
-WORDS = ("the film is a moving and funny story about love loss and family with a great cast but the plot "
-         "drags in its second half and the ending feels rushed yet it remains charming sharp and warm").split()
+WORDS = (
+    "the film is a moving and funny story about love loss and family with a great cast but the plot "
+    "drags in its second half and the ending feels rushed yet it remains charming sharp and warm"
+).split()
 
 
 def synthetic_examples(kind: str, n: int, image_size: int, rng) -> Any:
@@ -61,9 +63,15 @@ def synthetic_examples(kind: str, n: int, image_size: int, rng) -> Any:
         texts = [" ".join(rng.choice(WORDS, int(rng.integers(10, 36)))) for _ in range(n)]
         return Examples(texts=texts, labels=[["negative", "positive"][int(i)] for i in rng.integers(0, 2, n)])
     # easy-VQA: "what shape is in the image?", "is there a red triangle in the image?" ... and a one-word answer
-    templates = ("what shape is in the image?", "what color is the shape?", "what is the color of the {s}?",
-                 "is there a {c} {s} in the image?", "does the image not contain a {c} {s}?",
-                 "is there a {s} present?", "what shape does the image contain?")
+    templates = (
+        "what shape is in the image?",
+        "what color is the shape?",
+        "what is the color of the {s}?",
+        "is there a {c} {s} in the image?",
+        "does the image not contain a {c} {s}?",
+        "is there a {s} present?",
+        "what shape does the image contain?",
+    )
     texts, targets = [], []
     for _ in range(n):
         shape, color = SHAPES[int(rng.integers(3))], COLORS[int(rng.integers(8))]
@@ -76,8 +84,9 @@ def task_spec(kind: str) -> Any:
     from tap_core.config import TaskSpec
 
     if kind == "image_cls":
-        return TaskSpec("clothing", "classification", ("image",), domain="clothing",
-                        labels=tuple(str(i) for i in range(10)))
+        return TaskSpec(
+            "clothing", "classification", ("image",), domain="clothing", labels=tuple(str(i) for i in range(10))
+        )
     if kind == "text_cls":
         return TaskSpec("reviews", "classification", ("text",), domain="reviews", labels=("negative", "positive"))
     if kind == "vqa":
@@ -120,9 +129,11 @@ class Worker:
         size = build_backbone(spec).image_size
         rng = np.random.default_rng(0)
         kind = task_spec(task)
-        data = TaskData(train=synthetic_examples(task, self.train_examples, size, rng),
-                        val=synthetic_examples(task, 16, size, rng),
-                        test=synthetic_examples(task, self.eval_examples, size, rng))
+        data = TaskData(
+            train=synthetic_examples(task, self.train_examples, size, rng),
+            val=synthetic_examples(task, 16, size, rng),
+            test=synthetic_examples(task, self.eval_examples, size, rng),
+        )
         config = FederationConfig(model=spec, train=TrainConfig(batch_size=batch, device=device))
         runtime = SiloRuntime(SiloSpec("bench", (kind,)), {kind.name: data}, config, select_device(device))
         runtime.set_plan(ModelPlan((kind,)))
@@ -132,8 +143,9 @@ class Worker:
             distill = Distillation(runtime.fresh_copy(model.values()), {kind.name: 1.0}, 2.0)
         return Bench(runtime, model, distill)
 
-    def measure(self, device: str, preset: str, task: str, batch: int, phase: str, steps: int, warmup: int,
-                eval_runs: bool) -> dict[str, Any]:
+    def measure(
+        self, device: str, preset: str, task: str, batch: int, phase: str, steps: int, warmup: int, eval_runs: bool
+    ) -> dict[str, Any]:
         import torch
 
         from tap_core.training.trainer import constant_schedule
@@ -159,9 +171,13 @@ class Worker:
         result = train(steps, seed=2)
         sync()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        row = {"steps_per_s": steps / seconds, "samples_per_s": result.samples / seconds, "train_seconds": seconds,
-               # per CPU-second of this process: on a shared machine far less noisy than wall time (CPU only)
-               "steps_per_cpu_s": steps / cpu_seconds}
+        row = {
+            "steps_per_s": steps / seconds,
+            "samples_per_s": result.samples / seconds,
+            "train_seconds": seconds,
+            # per CPU-second of this process: on a shared machine far less noisy than wall time (CPU only)
+            "steps_per_cpu_s": steps / cpu_seconds,
+        }
         if eval_runs:
             tensors = next(iter(runtime.tensors.values()))
             if fresh:
@@ -183,14 +199,17 @@ class Worker:
         from tap_core.training.trainer import constant_schedule
 
         with profile(activities=activities) as prof:
-            bench.runtime.trainer.train(bench.model, bench.runtime.tensors, steps, 3, constant_schedule(1e-4),
-                                        bench.distill)
+            bench.runtime.trainer.train(
+                bench.model, bench.runtime.tensors, steps, 3, constant_schedule(1e-4), bench.distill
+            )
         sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         events = prof.key_averages()
         ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
         launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel")) / steps
         table = events.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
-        return f"{table}\naten ops per step: {ops:.0f}" + (f"; kernel launches per step: {launches:.0f}" if launches else "")
+        return f"{table}\naten ops per step: {ops:.0f}" + (
+            f"; kernel launches per step: {launches:.0f}" if launches else ""
+        )
 
 
 def worker_main(threads: int, train_examples: int, eval_examples: int) -> None:
@@ -225,12 +244,23 @@ class WorkerProcess:
 
     def __init__(self, label: str, tree: Path, args: argparse.Namespace):
         self.label = label
-        env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads),
-                   MKL_NUM_THREADS=str(args.threads))
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(args.threads),
-                   "--train-examples", str(args.train_examples), "--eval-examples", str(args.eval_examples)]
-        self.process = subprocess.Popen(command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, bufsize=1)
+        env = dict(
+            os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads)
+        )
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--threads",
+            str(args.threads),
+            "--train-examples",
+            str(args.train_examples),
+            "--eval-examples",
+            str(args.eval_examples),
+        ]
+        self.process = subprocess.Popen(
+            command, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin and self.process.stdout
@@ -238,7 +268,7 @@ class WorkerProcess:
         self.process.stdin.flush()
         for line in self.process.stdout:
             if line.startswith(RESULT):
-                return json.loads(line[len(RESULT):])
+                return json.loads(line[len(RESULT) :])
         raise RuntimeError(f"worker {self.label} exited with status {self.process.wait()}")
 
     def close(self) -> None:
@@ -295,8 +325,9 @@ def summarise(runs: list[dict[str, Any]], labels: list[str]) -> list[dict[str, A
                 row[label]["error"] = errors[0]
         if len(labels) == 2:
             after, before = row[labels[0]], row[labels[1]]
-            row["speedup"] = {m: after[m]["median"] / before[m]["median"] for m in SPEEDUPS
-                              if m in after and m in before}
+            row["speedup"] = {
+                m: after[m]["median"] / before[m]["median"] for m in SPEEDUPS if m in after and m in before
+            }
         rows.append(row)
     return rows
 
@@ -332,13 +363,22 @@ def default_devices() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["small", "minilm"],
-                        help="tiny, small, minilm, base; NAME:KEY=VALUE,... sets ModelSpec keys (JSON values)")
+    parser.add_argument(
+        "--presets",
+        nargs="+",
+        default=["small", "minilm"],
+        help="tiny, small, minilm, base; NAME:KEY=VALUE,... sets ModelSpec keys (JSON values)",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASK_KINDS), choices=TASK_KINDS)
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="training batch sizes")
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when present")
-    parser.add_argument("--phases", nargs="+", default=["train"], choices=["train", "distill"],
-                        help="distill: steps of stage 2 (a frozen teacher's forward pass as well)")
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=["train"],
+        choices=["train", "distill"],
+        help="distill: steps of stage 2 (a frozen teacher's forward pass as well)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (the project default is 1)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before a configuration's first run")
@@ -346,8 +386,12 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=256)
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation measurement")
-    parser.add_argument("--compare", metavar="REF", default=None,
-                        help="also measure the code of REF (git ref or directory), interleaved with this tree's")
+    parser.add_argument(
+        "--compare",
+        metavar="REF",
+        default=None,
+        help="also measure the code of REF (git ref or directory), interleaved with this tree's",
+    )
     parser.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up, 1 repeat, 64 eval examples")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops instead of timing")
     parser.add_argument("--json", default=None, help="also write the runs and the summary here")
@@ -359,8 +403,14 @@ def main() -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats, args.eval_examples = 3, 1, 1, 64
     devices = args.devices or default_devices()
-    configs = [dict(device=d, preset=p, task=t, batch=b, phase=ph) for d in devices for p in args.presets
-               for t in args.tasks for b in args.batch for ph in args.phases]
+    configs = [
+        dict(device=d, preset=p, task=t, batch=b, phase=ph)
+        for d in devices
+        for p in args.presets
+        for t in args.tasks
+        for b in args.batch
+        for ph in args.phases
+    ]
 
     if args.profile:
         worker = WorkerProcess("current", REPO, args)
@@ -387,25 +437,32 @@ def main() -> None:
             for config in configs:
                 order = workers if repeat % 2 == 0 else workers[::-1]
                 for worker in order:
-                    request = {"cmd": "measure", **config, "steps": args.steps, "warmup": args.warmup,
-                               "eval_runs": not args.no_eval}
+                    request = {
+                        "cmd": "measure",
+                        **config,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "eval_runs": not args.no_eval,
+                    }
                     result = worker.ask(request)
                     runs.append({"label": worker.label, "repeat": repeat, "config": config, "result": result})
                     done += 1
                     elapsed = time.perf_counter() - started
                     shown = result.get("error") or f"{result['steps_per_s']:.2f} steps/s"
-                    print(f"[{done}/{total}] {worker.label:<8} {config['preset']:<6} {config['task']:<9} "
-                          f"b{config['batch']:<3} {config['device']} {config['phase']}: {shown}  "
-                          f"(elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[{done}/{total}] {worker.label:<8} {config['preset']:<6} {config['task']:<9} "
+                        f"b{config['batch']:<3} {config['device']} {config['phase']}: {shown}  "
+                        f"(elapsed {elapsed:.0f}s, eta {elapsed / done * (total - done):.0f}s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         for worker in workers:
             worker.close()
         for _, tree, holder in trees[1:]:
             remove_checkout(tree, holder)
     rows = summarise(runs, labels)
-    print(f"threads per worker: {args.threads}; {args.steps} timed steps x {args.repeats} repeats; "
-          "median (min-max)")
+    print(f"threads per worker: {args.threads}; {args.steps} timed steps x {args.repeats} repeats; median (min-max)")
     print(table(rows, labels))
     if args.json:
         meta = {k: v for k, v in vars(args).items() if k != "worker"}

@@ -75,7 +75,11 @@ class Federation:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
 
 
 def prepare(fed: Federation) -> None:
@@ -85,16 +89,24 @@ def prepare(fed: Federation) -> None:
         (fed.root / name).mkdir(parents=True, exist_ok=True)
     provision(fed.root / "kits", fed.silos, ["127.0.0.1"])
     rng = np.random.default_rng(0)
-    np.savez(fed.root / "shapes.npz", images=rng.integers(0, 255, size=(24, 16, 16, 3), dtype=np.uint8),
-             labels=np.array(["circle", "square", "triangle"] * 8))
+    np.savez(
+        fed.root / "shapes.npz",
+        images=rng.integers(0, 255, size=(24, 16, 16, 3), dtype=np.uint8),
+        labels=np.array(["circle", "square", "triangle"] * 8),
+    )
     task = dict(TASK, data={"format": "npz", "path": "shapes.npz", "test_fraction": 0.25})
     for silo in fed.silos:
         (fed.root / f"{silo}.yaml").write_text(yaml.safe_dump({"tasks": [task]}))
     config = FederationConfig(
-        name="transport-bench", rounds=fed.rounds, seed=0, expected_silos=fed.clients, model=ModelSpec(size="tiny"),
+        name="transport-bench",
+        rounds=fed.rounds,
+        seed=0,
+        expected_silos=fed.clients,
+        model=ModelSpec(size="tiny"),
         train=TrainConfig(local_steps=1, ft_steps=0, kd_steps=0, batch_size=4, eval_batch_size=16, max_val_examples=4),
         wire=WireConfig(chunk_bytes=fed.chunk_bytes, max_message_bytes=max(8 << 20, fed.chunk_bytes + (1 << 20))),
-        deadlines=Deadlines(join_s=STEP_TIMEOUT_S, round_s=3600, finish_s=3600, heartbeat_s=5.0))
+        deadlines=Deadlines(join_s=STEP_TIMEOUT_S, round_s=3600, finish_s=3600, heartbeat_s=5.0),
+    )
     (fed.root / "federation.yaml").write_text(yaml.safe_dump(to_mapping(config), sort_keys=False))
 
 
@@ -110,13 +122,24 @@ def start_raw(fed: Federation) -> list[subprocess.Popen]:
     port_file = fed.root / "raw.port"
     raw = [sys.executable, "-m", "tap_testing.raw_stream"]
     common = ["--config", str(fed.root / "federation.yaml"), "--mb", str(fed.megabytes)]
-    server = spawn(fed, "raw-server", [*raw, "server", "--kit", str(fed.root / "kits/server"), *common,
-                                       "--port-file", str(port_file)])
+    server = spawn(
+        fed,
+        "raw-server",
+        [*raw, "server", "--kit", str(fed.root / "kits/server"), *common, "--port-file", str(port_file)],
+    )
     wait_for(lambda: port_file.is_file() and port_file.read_text().strip(), "the raw server's port", [server], fed)
     address = f"127.0.0.1:{port_file.read_text().strip()}"
-    clients = [spawn(fed, f"raw-{silo}", [*raw, "client", "--kit", str(fed.root / "kits" / silo), *common,
-                                          "--server", address], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for silo in fed.silos]
+    clients = [
+        spawn(
+            fed,
+            f"raw-{silo}",
+            [*raw, "client", "--kit", str(fed.root / "kits" / silo), *common, "--server", address],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for silo in fed.silos
+    ]
     for client in clients:
         json.loads(client.stdout.readline() or "{}")["ready"]
     return clients
@@ -136,29 +159,78 @@ def raw_phase(clients: list[subprocess.Popen], command: str) -> tuple[float, flo
 def start_tap(fed: Federation) -> tuple[subprocess.Popen, list[subprocess.Popen]]:
     synthetic = [sys.executable, "-m", "tap_testing.synthetic"]
     port, health = free_port(), free_port()
-    server = spawn(fed, "server", [
-        *synthetic, "--mb", str(fed.megabytes), "--events", str(fed.root / "events/server.jsonl"), "server",
-        "serve", "--kit", str(fed.root / "kits/server"), "--config", str(fed.root / "federation.yaml"),
-        "--listen", f"127.0.0.1:{port}", "--state", str(fed.root / "state"), "--metrics-port", "-1",
-        "--health-port", str(health), "--exit-when-done", "--log-level", "warning"])
+    server = spawn(
+        fed,
+        "server",
+        [
+            *synthetic,
+            "--mb",
+            str(fed.megabytes),
+            "--events",
+            str(fed.root / "events/server.jsonl"),
+            "server",
+            "serve",
+            "--kit",
+            str(fed.root / "kits/server"),
+            "--config",
+            str(fed.root / "federation.yaml"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state",
+            str(fed.root / "state"),
+            "--metrics-port",
+            "-1",
+            "--health-port",
+            str(health),
+            "--exit-when-done",
+            "--log-level",
+            "warning",
+        ],
+    )
     wait_healthy(health, server, fed.log("server"))
-    agents = [spawn(fed, silo, [
-        *synthetic, "--events", str(fed.root / "events" / f"{silo}.jsonl"), "--gate", str(fed.root / "gate"), "client",
-        "run", "--kit", str(fed.root / "kits" / silo), "--server", f"127.0.0.1:{port}",
-        "--config", str(fed.root / f"{silo}.yaml"), "--state", str(fed.root / "clients" / silo), "--threads", "1",
-        "--log-level", "warning"]) for silo in fed.silos]
+    agents = [
+        spawn(
+            fed,
+            silo,
+            [
+                *synthetic,
+                "--events",
+                str(fed.root / "events" / f"{silo}.jsonl"),
+                "--gate",
+                str(fed.root / "gate"),
+                "client",
+                "run",
+                "--kit",
+                str(fed.root / "kits" / silo),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--config",
+                str(fed.root / f"{silo}.yaml"),
+                "--state",
+                str(fed.root / "clients" / silo),
+                "--threads",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+        )
+        for silo in fed.silos
+    ]
     return server, agents
 
 
-def wait_for(condition, what: str, watched: list[subprocess.Popen], fed: Federation,
-             timeout: float = STEP_TIMEOUT_S) -> None:
+def wait_for(
+    condition, what: str, watched: list[subprocess.Popen], fed: Federation, timeout: float = STEP_TIMEOUT_S
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         for process in watched:
             if process.poll() not in (None, 0):
                 name = Path(process.args[-1]).name if process.args else "?"
-                raise RuntimeError(f"waiting for {what}: a process exited with {process.returncode} ({name})\n"
-                                   f"{tail(fed.root / 'logs' / 'server.log')}")
+                raise RuntimeError(
+                    f"waiting for {what}: a process exited with {process.returncode} ({name})\n"
+                    f"{tail(fed.root / 'logs' / 'server.log')}"
+                )
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what} in {fed.root}")
         time.sleep(0.05)
@@ -176,14 +248,24 @@ def measure(fed: Federation) -> list[dict[str, Any]]:
     watched = [server, *agents]
     rows = []
     for round_index in range(1, fed.rounds + 1):
-        wait_for(lambda r=round_index: all(has_event(fed, s, "waiting", r) for s in fed.silos),
-                 f"round {round_index}'s downloads", watched, fed)
+        wait_for(
+            lambda r=round_index: all(has_event(fed, s, "waiting", r) for s in fed.silos),
+            f"round {round_index}'s downloads",
+            watched,
+            fed,
+        )
         raw_down = raw_phase(raw_clients, "down")
         raw_up = raw_phase(raw_clients, "up")
         (fed.root / "gate" / f"round-{round_index}").write_text("go")
-        wait_for(lambda r=round_index: (has_event(fed, "server", "round_closed", r)
-                                        and all(has_event(fed, s, "upload_end", r) for s in fed.silos)),
-                 f"round {round_index} to close", watched, fed)
+        wait_for(
+            lambda r=round_index: (
+                has_event(fed, "server", "round_closed", r)
+                and all(has_event(fed, s, "upload_end", r) for s in fed.silos)
+            ),
+            f"round {round_index} to close",
+            watched,
+            fed,
+        )
         rows.append(round_record(fed, round_index, raw_down, raw_up))
         show_round(fed, rows[-1])
     for client in raw_clients:
@@ -208,8 +290,14 @@ def round_record(fed: Federation, round_index: int, raw_down, raw_up) -> dict[st
     return {
         "round": round_index,
         "payload_mb": payload / mb,
-        "down": {"tap_mb_s": payload / mb / (down_end - down_start), "raw_grpc_mb_s": raw_down[2] / mb / (raw_down[1] - raw_down[0])},
-        "up": {"tap_mb_s": payload / mb / (closed["close_start"] - up_start), "raw_grpc_mb_s": raw_up[2] / mb / (raw_up[1] - raw_up[0])},
+        "down": {
+            "tap_mb_s": payload / mb / (down_end - down_start),
+            "raw_grpc_mb_s": raw_down[2] / mb / (raw_down[1] - raw_down[0]),
+        },
+        "up": {
+            "tap_mb_s": payload / mb / (closed["close_start"] - up_start),
+            "raw_grpc_mb_s": raw_up[2] / mb / (raw_up[1] - raw_up[0]),
+        },
         "down_s": down_end - down_start,
         "up_s": closed["close_start"] - up_start,
         "close_s": closed["close_seconds"],
@@ -221,9 +309,11 @@ def round_record(fed: Federation, round_index: int, raw_down, raw_up) -> dict[st
 
 def show_round(fed: Federation, row: dict[str, Any]) -> None:
     parts = [f"{d} tap {row[d]['tap_mb_s']:7.1f} raw {row[d]['raw_grpc_mb_s']:7.1f} MB/s" for d in ("down", "up")]
-    print(f"  {fed.megabytes:g} MB x {fed.clients} clients, round {row['round']}/{fed.rounds}: {'; '.join(parts)}; "
-          f"round {row['round_s']:.2f}s, server peak {row['server_peak_rss_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(
+        f"  {fed.megabytes:g} MB x {fed.clients} clients, round {row['round']}/{fed.rounds}: {'; '.join(parts)}; "
+        f"round {row['round_s']:.2f}s, server peak {row['server_peak_rss_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
 
 
 def stop(fed: Federation) -> None:
@@ -238,34 +328,49 @@ def stop(fed: Federation) -> None:
     fed.processes.clear()
 
 
-def summarise(megabytes: float, clients: int, rows: list[dict[str, Any]], load: tuple[float, float]) -> list[dict[str, Any]]:
+def summarise(
+    megabytes: float, clients: int, rows: list[dict[str, Any]], load: tuple[float, float]
+) -> list[dict[str, Any]]:
     out = []
     for direction in ("down", "up"):
         ratios = [r[direction]["tap_mb_s"] / r[direction]["raw_grpc_mb_s"] for r in rows]
-        out.append({
-            "mb": megabytes, "clients": clients, "direction": direction,
-            "tap_mb_s": statistics.median(r[direction]["tap_mb_s"] for r in rows),
-            "raw_grpc_mb_s": statistics.median(r[direction]["raw_grpc_mb_s"] for r in rows),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "round_s": statistics.median(r["round_s"] for r in rows),
-            "close_s": statistics.median(r["close_s"] for r in rows),
-            "server_peak_rss_mb": max(r["server_peak_rss_mb"] for r in rows),
-            "agent_peak_rss_mb": max(r["agent_peak_rss_mb"] for r in rows),
-            "rounds": len(rows), "load_before": load[0], "load_after": load[1],
-            "per_round": [{"tap_mb_s": r[direction]["tap_mb_s"], "raw_grpc_mb_s": r[direction]["raw_grpc_mb_s"]}
-                          for r in rows],
-        })
+        out.append(
+            {
+                "mb": megabytes,
+                "clients": clients,
+                "direction": direction,
+                "tap_mb_s": statistics.median(r[direction]["tap_mb_s"] for r in rows),
+                "raw_grpc_mb_s": statistics.median(r[direction]["raw_grpc_mb_s"] for r in rows),
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "round_s": statistics.median(r["round_s"] for r in rows),
+                "close_s": statistics.median(r["close_s"] for r in rows),
+                "server_peak_rss_mb": max(r["server_peak_rss_mb"] for r in rows),
+                "agent_peak_rss_mb": max(r["agent_peak_rss_mb"] for r in rows),
+                "rounds": len(rows),
+                "load_before": load[0],
+                "load_after": load[1],
+                "per_round": [
+                    {"tap_mb_s": r[direction]["tap_mb_s"], "raw_grpc_mb_s": r[direction]["raw_grpc_mb_s"]} for r in rows
+                ],
+            }
+        )
     return out
 
 
 def print_table(rows: list[dict[str, Any]], chunk_bytes: int) -> None:
-    print(f"\n{'MB':>5} {'K':>3} {'dir':<4} {'tap MB/s':>9} {'raw MB/s':>9} {'ratio':>6} {'(min-max)':>11} "
-          f"{'round s':>8} {'close s':>8} {'server peak':>12} {'agent peak':>11}   "
-          f"(mTLS loopback, {chunk_bytes >> 10} KiB chunks, medians)")
+    print(
+        f"\n{'MB':>5} {'K':>3} {'dir':<4} {'tap MB/s':>9} {'raw MB/s':>9} {'ratio':>6} {'(min-max)':>11} "
+        f"{'round s':>8} {'close s':>8} {'server peak':>12} {'agent peak':>11}   "
+        f"(mTLS loopback, {chunk_bytes >> 10} KiB chunks, medians)"
+    )
     for r in rows:
-        print(f"{r['mb']:>5g} {r['clients']:>3} {r['direction']:<4} {r['tap_mb_s']:>9.1f} {r['raw_grpc_mb_s']:>9.1f} "
-              f"{r['ratio']:>6.2f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {r['round_s']:>8.2f} {r['close_s']:>8.2f} "
-              f"{r['server_peak_rss_mb']:>9.0f} MB {r['agent_peak_rss_mb']:>8.0f} MB")
+        print(
+            f"{r['mb']:>5g} {r['clients']:>3} {r['direction']:<4} {r['tap_mb_s']:>9.1f} {r['raw_grpc_mb_s']:>9.1f} "
+            f"{r['ratio']:>6.2f} {r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f} {r['round_s']:>8.2f} {r['close_s']:>8.2f} "
+            f"{r['server_peak_rss_mb']:>9.0f} MB {r['agent_peak_rss_mb']:>8.0f} MB"
+        )
 
 
 # ------------------------------------------------------------------------- demo vs simulate
@@ -286,11 +391,18 @@ def overhead(repeats: int, options: list[str], workdir: Path) -> dict[str, Any]:
             if result.returncode != 0:
                 raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
             times[kind].append(seconds)
-            print(f"  overhead run {i + 1}/{repeats}: tap {kind} {seconds:.1f}s (load {os.getloadavg()[0]:.1f})",
-                  flush=True)
+            print(
+                f"  overhead run {i + 1}/{repeats}: tap {kind} {seconds:.1f}s (load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
     simulate, demo = statistics.median(times["simulate"]), statistics.median(times["demo"])
-    return {"options": options, "simulate_s": times["simulate"], "demo_s": times["demo"],
-            "ratio": demo / simulate, "ratios": [d / s for d, s in zip(times["demo"], times["simulate"])]}
+    return {
+        "options": options,
+        "simulate_s": times["simulate"],
+        "demo_s": times["demo"],
+        "ratio": demo / simulate,
+        "ratios": [d / s for d, s in zip(times["demo"], times["simulate"])],
+    }
 
 
 # ------------------------------------------------------------------------- plot, main
@@ -333,8 +445,11 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true", help="also time tap demo against tap simulate")
     parser.add_argument("--overhead-only", action="store_true", help="only the demo-vs-simulate comparison")
     parser.add_argument("--overhead-repeats", type=int, default=2)
-    parser.add_argument("--overhead-options", default="--scenario tap-bench-mini --model tiny --rounds 2",
-                        help="options given to both tap simulate and tap demo")
+    parser.add_argument(
+        "--overhead-options",
+        default="--scenario tap-bench-mini --model tiny --rounds 2",
+        help="options given to both tap simulate and tap demo",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--plot", type=Path, default=None, help="draw the throughput rows here (PNG)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep kits, logs and events here")
@@ -347,8 +462,13 @@ def main() -> None:
     runs = [(mb, args.clients) for mb in args.sizes]
     runs += [(args.scale_mb, k) for k in args.scale_clients if (args.scale_mb, k) not in runs]
     print(f"{len(runs)} federations x {args.rounds} rounds; {os.cpu_count()} cores, load {os.getloadavg()}", flush=True)
-    results: dict[str, Any] = {"throughput": [], "overhead_ratio": None, "chunk_bytes": args.chunk_bytes,
-                               "command": " ".join(sys.argv), "cpus": os.cpu_count()}
+    results: dict[str, Any] = {
+        "throughput": [],
+        "overhead_ratio": None,
+        "chunk_bytes": args.chunk_bytes,
+        "command": " ".join(sys.argv),
+        "cpus": os.cpu_count(),
+    }
     try:
         for megabytes, clients in runs:
             fed = Federation(root / f"mb{megabytes:g}-k{clients}", megabytes, clients, args.rounds, args.chunk_bytes)
@@ -367,9 +487,11 @@ def main() -> None:
             result = overhead(args.overhead_repeats, options, root)
             results["overhead"] = result
             results["overhead_ratio"] = result["ratio"]
-            print(f"\ntap demo / tap simulate ({' '.join(options)}): median {result['ratio']:.3f} "
-                  f"(runs: {', '.join(f'{r:.3f}' for r in result['ratios'])}; simulate "
-                  f"{', '.join(f'{s:.1f}' for s in result['simulate_s'])} s, demo {', '.join(f'{s:.1f}' for s in result['demo_s'])} s)")
+            print(
+                f"\ntap demo / tap simulate ({' '.join(options)}): median {result['ratio']:.3f} "
+                f"(runs: {', '.join(f'{r:.3f}' for r in result['ratios'])}; simulate "
+                f"{', '.join(f'{s:.1f}' for s in result['simulate_s'])} s, demo {', '.join(f'{s:.1f}' for s in result['demo_s'])} s)"
+            )
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -46,8 +46,10 @@ def main() -> None:
         update, current = torch.randn(elements, generator=generator), torch.randn(elements, generator=generator)
         torch_s, torch_value = best_of(args.repeats, plain, update, current)
         tap_s, tap_value = best_of(args.repeats, squared_distance, update, current)
-        print(f"{mb:>6g} {torch_s:>9.4f} {tap_s:>8.4f} {mb / tap_s:>9.0f} {torch_s / tap_s:>8.1f}x "
-              f"{abs(tap_value - torch_value) / torch_value:>20.2e}")
+        print(
+            f"{mb:>6g} {torch_s:>9.4f} {tap_s:>8.4f} {mb / tap_s:>9.0f} {torch_s / tap_s:>8.1f}x "
+            f"{abs(tap_value - torch_value) / torch_value:>20.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ log = logging.getLogger("update_norms")
 
 def measure(algorithm: str, local_steps: int, lr: float, rounds: int) -> list[dict]:
     config = tiny_config(algorithm, rounds=rounds, local_steps=local_steps, peak_lr=lr, min_lr=min(lr, 1e-4))
-    config = dataclasses.replace(config, aggregation=AggregationConfig(max_update_norm_ratio=None))  # measure, not refuse
+    config = dataclasses.replace(
+        config, aggregation=AggregationConfig(max_update_norm_ratio=None)
+    )  # measure, not refuse
     silos = synthetic_silos()
     data = synthetic_data(silos)
     runtimes = {s.id: SiloRuntime(s, data[s.id], config, torch.device("cpu")) for s in silos}
@@ -52,8 +54,16 @@ def measure(algorithm: str, local_steps: int, lr: float, rounds: int) -> list[di
             norm = sum(float((current[component][n].double() ** 2).sum()) for n in tensors)
             elements = sum(t.numel() for t in tensors.values())
             reference = max(math.sqrt(norm), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
-            rows.append({"algorithm": algorithm, "round": update.round, "silo": update.silo,
-                         "kind": component.split(".")[0], "component": component, "ratio": math.sqrt(delta) / reference})
+            rows.append(
+                {
+                    "algorithm": algorithm,
+                    "round": update.round,
+                    "silo": update.silo,
+                    "kind": component.split(".")[0],
+                    "component": component,
+                    "ratio": math.sqrt(delta) / reference,
+                }
+            )
         return submit(update)
 
     federation.submit_update = recording  # type: ignore[method-assign]

@@ -37,9 +37,16 @@ from tap_core.messages import SiloDeclaration
 
 def silo_plans() -> dict[str, ModelPlan]:
     scenario = load_scenario("tap-bench-mini")
-    decls = [SiloDeclaration(s.id, s.tasks, {t.name: 1 for t in s.tasks},
-                             {t.name: ["a", "b"] for t in s.tasks if t.kind == "classification"}, "-")
-             for s in scenario.silos]
+    decls = [
+        SiloDeclaration(
+            s.id,
+            s.tasks,
+            {t.name: 1 for t in s.tasks},
+            {t.name: ["a", "b"] for t in s.tasks if t.kind == "classification"},
+            "-",
+        )
+        for s in scenario.silos
+    ]
     tasks = united_tasks(decls)
     fusion = ModelSpec().fusion_layers
     return {d.silo: silo_plan(d, tasks, fusion) for d in decls}
@@ -57,10 +64,16 @@ def efficiency(presets: list[str], dtypes: list[str], chunk: int) -> None:
                 trainable = payload_bytes(values, dtype)
                 down = sum(frame_wire_bytes(f) for f in encode_frames(values, layout, dtype, chunk, StreamInfo(1)))
                 stats = '{"task_losses": {"t": 0.5}, "replacements": []}'
-                up = sum(frame_wire_bytes(f) for f in encode_frames(values, layout, dtype, chunk,
-                                                                      StreamInfo(1, stats, {c: 100.0 for c in layout})))
-                print(f"{preset:<7} {dtype:<5} {silo:<11} {trainable / 1e6:>12.3f} {(down + up) / 1e6:>18.3f} "
-                      f"{(down + up) / (2 * trainable):>11.4f}")
+                up = sum(
+                    frame_wire_bytes(f)
+                    for f in encode_frames(
+                        values, layout, dtype, chunk, StreamInfo(1, stats, {c: 100.0 for c in layout})
+                    )
+                )
+                print(
+                    f"{preset:<7} {dtype:<5} {silo:<11} {trainable / 1e6:>12.3f} {(down + up) / 1e6:>18.3f} "
+                    f"{(down + up) / (2 * trainable):>11.4f}"
+                )
 
 
 # -- transfer throughput ---------------------------------------------------------------
@@ -80,13 +93,16 @@ def mtls(directory: Path):
     from tap_server.provision import provision
 
     provision(directory, ["bench"], ["127.0.0.1"])
-    server = grpc.ssl_server_credentials([((directory / "server/server.key").read_bytes(),
-                                           (directory / "server/server.crt").read_bytes())],
-                                         root_certificates=(directory / "server/ca.crt").read_bytes(),
-                                         require_client_auth=True)
-    client = grpc.ssl_channel_credentials((directory / "bench/ca.crt").read_bytes(),
-                                          (directory / "bench/client.key").read_bytes(),
-                                          (directory / "bench/client.crt").read_bytes())
+    server = grpc.ssl_server_credentials(
+        [((directory / "server/server.key").read_bytes(), (directory / "server/server.crt").read_bytes())],
+        root_certificates=(directory / "server/ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    client = grpc.ssl_channel_credentials(
+        (directory / "bench/ca.crt").read_bytes(),
+        (directory / "bench/client.key").read_bytes(),
+        (directory / "bench/client.crt").read_bytes(),
+    )
     return server, client
 
 
@@ -97,7 +113,10 @@ def transfer(megabytes: int, chunk: int, dtype: str, server_creds, client_creds)
     if dtype != "fp32":
         blob = blob[: len(blob) // 2]
     raw_chunks = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
-    options = [("grpc.max_receive_message_length", chunk + (1 << 20)), ("grpc.max_send_message_length", chunk + (1 << 20))]
+    options = [
+        ("grpc.max_receive_message_length", chunk + (1 << 20)),
+        ("grpc.max_send_message_length", chunk + (1 << 20)),
+    ]
 
     def codec_stream(request, context):
         yield from encode_frames(values, layout, dtype, chunk, StreamInfo(1))
@@ -105,10 +124,17 @@ def transfer(megabytes: int, chunk: int, dtype: str, server_creds, client_creds)
     def raw_stream(request, context):
         yield from raw_chunks
 
-    handlers = grpc.method_handlers_generic_handler("bench.Stream", {
-        "Codec": grpc.unary_stream_rpc_method_handler(codec_stream, request_deserializer=None, response_serializer=None),
-        "Raw": grpc.unary_stream_rpc_method_handler(raw_stream, request_deserializer=None, response_serializer=None),
-    })
+    handlers = grpc.method_handlers_generic_handler(
+        "bench.Stream",
+        {
+            "Codec": grpc.unary_stream_rpc_method_handler(
+                codec_stream, request_deserializer=None, response_serializer=None
+            ),
+            "Raw": grpc.unary_stream_rpc_method_handler(
+                raw_stream, request_deserializer=None, response_serializer=None
+            ),
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
     server.add_generic_rpc_handlers((handlers,))
     port = server.add_secure_port("127.0.0.1:0", server_creds)
@@ -156,8 +182,10 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         server_creds, client_creds = mtls(Path(tmp))
-        print(f"\n{'payload MB':>10} {'dtype':<5} {'codec MB/s':>11} {'raw gRPC MB/s':>14} {'ratio':>6}   (mTLS, loopback, "
-              f"{args.chunk_bytes // 1024} KiB chunks)")
+        print(
+            f"\n{'payload MB':>10} {'dtype':<5} {'codec MB/s':>11} {'raw gRPC MB/s':>14} {'ratio':>6}   (mTLS, loopback, "
+            f"{args.chunk_bytes // 1024} KiB chunks)"
+        )
         for megabytes in args.transfer_mb:
             codec_rate, raw_rate = transfer(megabytes, args.chunk_bytes, "fp32", server_creds, client_creds)
             print(f"{megabytes:>10} {'fp32':<5} {codec_rate:>11.1f} {raw_rate:>14.1f} {codec_rate / raw_rate:>6.2f}")

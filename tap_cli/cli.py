@@ -13,7 +13,9 @@ from tap_cli.options import config_from_options, friendly_errors, training_optio
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="warning", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def main(log_level: str) -> None:
     """TAP: two-stage adaptive personalization in federated learning."""
     configure_logging(log_level)
@@ -21,15 +23,24 @@ def main(log_level: str) -> None:
 
 @main.command()
 @training_options
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG of the results here.")
+@click.option(
+    "--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write the JSON report here."
+)
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG of the results here."
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes running the silos in parallel [default: as many as the CPU cores allow at --threads "
-                   "each, at most one per silo]. The results do not depend on it.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes running the silos in parallel [default: as many as the CPU cores allow at --threads "
+    "each, at most one per silo]. The results do not depend on it.",
+)
 @friendly_errors
-def simulate(report_path: Path | None, plot_path: Path | None, progress: bool, workers: int | None,
-             **opts: Any) -> None:
+def simulate(
+    report_path: Path | None, plot_path: Path | None, progress: bool, workers: int | None, **opts: Any
+) -> None:
     """Run the whole federation on this machine (same logic as the deployed system)."""
     from tap_cli.progress import FederationProgress
     from tap_cli.simulate import run_simulation
@@ -38,8 +49,13 @@ def simulate(report_path: Path | None, plot_path: Path | None, progress: bool, w
     scenario, config = config_from_options(opts)
     workers = workers or default_workers(config.train.threads, len(scenario.silos))
     per_round = config.clients_per_round or len(scenario.silos)
-    bar = FederationProgress(config.rounds, min(per_round, len(scenario.silos)), len(scenario.silos),
-                             f"{config.algorithm}") if progress else None
+    bar = (
+        FederationProgress(
+            config.rounds, min(per_round, len(scenario.silos)), len(scenario.silos), f"{config.algorithm}"
+        )
+        if progress
+        else None
+    )
     try:
         report = run_simulation(scenario, config, bar, workers=workers)
     finally:

@@ -31,8 +31,11 @@ from tap_cli.options import config_from_options, friendly_errors, training_optio
 
 GENERATED = ("kits", "state", "clients", "logs", "silos", "samples", "models", "predictions")
 # new records for the predict command in RERUN.md (text tasks); made up, not from any dataset
-SAMPLE_TEXTS = ("A warm, funny and beautifully acted film.", "Two hours of my life I will never get back.",
-                "The plot is thin, but the performances carry it.")
+SAMPLE_TEXTS = (
+    "A warm, funny and beautifully acted film.",
+    "Two hours of my life I will never get back.",
+    "The plot is thin, but the performances carry it.",
+)
 MARKER = ".tap-demo"
 
 
@@ -147,8 +150,10 @@ def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationCo
 
     marker = layout.root / MARKER
     if layout.root.is_dir() and any(layout.root.iterdir()) and not marker.is_file():
-        raise TapError(f"--workdir {layout.root} is not empty and was not made by tap demo: "
-                       "choose a new or empty folder (the demo replaces its own output there)")
+        raise TapError(
+            f"--workdir {layout.root} is not empty and was not made by tap demo: "
+            "choose a new or empty folder (the demo replaces its own output there)"
+        )
     for name in GENERATED:  # only the demo's own output, in a folder the demo made
         shutil.rmtree(layout.root / name, ignore_errors=True)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -172,25 +177,72 @@ def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationCo
 
 
 def server_command(layout: DemoLayout, port: int, health: int, metrics: int) -> list[str]:
-    return [sys.executable, "-m", "tap_server.cli", "serve", "--kit", str(layout.kits / "server"),
-            "--config", str(layout.federation_yaml), "--listen", f"127.0.0.1:{port}", "--state", str(layout.state),
-            "--metrics-port", str(metrics), "--health-port", str(health), "--exit-when-done"]
+    return [
+        sys.executable,
+        "-m",
+        "tap_server.cli",
+        "serve",
+        "--kit",
+        str(layout.kits / "server"),
+        "--config",
+        str(layout.federation_yaml),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--state",
+        str(layout.state),
+        "--metrics-port",
+        str(metrics),
+        "--health-port",
+        str(health),
+        "--exit-when-done",
+    ]
 
 
 def client_command(layout: DemoLayout, silo: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "tap_client.cli", "run", "--kit", str(layout.kits / silo),
-            "--server", f"127.0.0.1:{port}", "--config", str(layout.silo_yaml(silo)),
-            "--state", str(layout.client_state(silo))]
+    return [
+        sys.executable,
+        "-m",
+        "tap_client.cli",
+        "run",
+        "--kit",
+        str(layout.kits / silo),
+        "--server",
+        f"127.0.0.1:{port}",
+        "--config",
+        str(layout.silo_yaml(silo)),
+        "--state",
+        str(layout.client_state(silo)),
+    ]
 
 
 def export_command(layout: DemoLayout, silo: str) -> list[str]:
-    return [sys.executable, "-m", "tap_client.cli", "export", "--state", str(layout.client_state(silo)),
-            "--out", str(layout.exported_model(silo))]
+    return [
+        sys.executable,
+        "-m",
+        "tap_client.cli",
+        "export",
+        "--state",
+        str(layout.client_state(silo)),
+        "--out",
+        str(layout.exported_model(silo)),
+    ]
 
 
 def predict_command(layout: DemoLayout, silo: str, task: str, input_path: Path) -> list[str]:
-    return [sys.executable, "-m", "tap_client.cli", "predict", "--model", str(layout.exported_model(silo)),
-            "--task", task, "--input", str(input_path), "--output", str(layout.predictions(silo, task))]
+    return [
+        sys.executable,
+        "-m",
+        "tap_client.cli",
+        "predict",
+        "--model",
+        str(layout.exported_model(silo)),
+        "--task",
+        task,
+        "--input",
+        str(input_path),
+        "--output",
+        str(layout.predictions(silo, task)),
+    ]
 
 
 def prediction_notes(layout: DemoLayout, scenario: Scenario) -> list[str]:
@@ -208,25 +260,48 @@ def prediction_notes(layout: DemoLayout, scenario: Scenario) -> list[str]:
         silo, task = scenario.silos[0].id, scenario.silos[0].tasks[0]
         input_path = Path("YOUR_INPUT.csv")
     title = "After the federation: export a silo's model and predict new records with it (README.md):"
-    return [title, "",
-            "    " + " ".join(export_command(layout, silo)),
-            "    " + " ".join(predict_command(layout, silo, task.name, input_path)), ""]
+    return [
+        title,
+        "",
+        "    " + " ".join(export_command(layout, silo)),
+        "    " + " ".join(predict_command(layout, silo, task.name, input_path)),
+        "",
+    ]
 
 
-def write_rerun_notes(layout: DemoLayout, port: int, health: int, metrics: int, silos: list[str],
-                      after: list[str] | None = None) -> None:
-    lines = ["# Rerun any piece of this demo by hand", "", "Server:", "",
-             "    " + " ".join(server_command(layout, port, health, metrics)).replace(" --exit-when-done", ""), "",
-             "One agent per silo:", ""]
+def write_rerun_notes(
+    layout: DemoLayout, port: int, health: int, metrics: int, silos: list[str], after: list[str] | None = None
+) -> None:
+    lines = [
+        "# Rerun any piece of this demo by hand",
+        "",
+        "Server:",
+        "",
+        "    " + " ".join(server_command(layout, port, health, metrics)).replace(" --exit-when-done", ""),
+        "",
+        "One agent per silo:",
+        "",
+    ]
     lines += ["    " + " ".join(client_command(layout, silo, port)) for silo in silos]
-    lines += ["", f"Metrics: http://127.0.0.1:{metrics}/metrics   Logs: {layout.logs}/",
-              f"Report: {layout.state / 'report.json'}   Status: tap-server status --state {layout.state}", ""]
+    lines += [
+        "",
+        f"Metrics: http://127.0.0.1:{metrics}/metrics   Logs: {layout.logs}/",
+        f"Report: {layout.state / 'report.json'}   Status: tap-server status --state {layout.state}",
+        "",
+    ]
     lines += after or []
     (layout.root / "RERUN.md").write_text("\n".join(lines))
 
 
-def follow(processes: Processes, layout: DemoLayout, metrics_port: int, config: FederationConfig,
-           silos: int, per_round: int, show_progress: bool) -> None:
+def follow(
+    processes: Processes,
+    layout: DemoLayout,
+    metrics_port: int,
+    config: FederationConfig,
+    silos: int,
+    per_round: int,
+    show_progress: bool,
+) -> None:
     """Live progress from the server's metrics until the server exits; fail fast if an agent fails."""
     from tap_cli.progress import FederationProgress
 
@@ -236,8 +311,9 @@ def follow(processes: Processes, layout: DemoLayout, metrics_port: int, config: 
         while processes.server.poll() is None:
             for silo, process in processes.clients.items():
                 if process.poll() not in (None, 0):
-                    raise TapError(f"agent {silo} exited with status {process.returncode}:\n"
-                                   f"{tail(layout.logs / f'{silo}.log')}")
+                    raise TapError(
+                        f"agent {silo} exited with status {process.returncode}:\n{tail(layout.logs / f'{silo}.log')}"
+                    )
             try:
                 m = read_metrics(metrics_port)
             except OSError:
@@ -245,8 +321,10 @@ def follow(processes: Processes, layout: DemoLayout, metrics_port: int, config: 
             if bar and m:
                 done = int(m.get("tap_updates_received_total", 0) + m.get("tap_results_received", 0))
                 phase = next((k.split(":", 1)[1] for k in m if k.startswith("phase:")), "?")
-                bar.bar.set_postfix_str(f"round {int(m.get('tap_round', 0))}/{config.rounds} {phase} "
-                                        f"clients {int(m.get('tap_clients_connected', 0))}/{silos}")
+                bar.bar.set_postfix_str(
+                    f"round {int(m.get('tap_round', 0))}/{config.rounds} {phase} "
+                    f"clients {int(m.get('tap_clients_connected', 0))}/{silos}"
+                )
                 if done > shown:
                     bar.bar.update(done - shown)
                     shown = done
@@ -255,29 +333,33 @@ def follow(processes: Processes, layout: DemoLayout, metrics_port: int, config: 
         if bar:
             bar.close()
     if processes.server.returncode != 0:
-        raise TapError(f"tap-server exited with status {processes.server.returncode}:\n{tail(layout.logs / 'server.log')}")
+        raise TapError(
+            f"tap-server exited with status {processes.server.returncode}:\n{tail(layout.logs / 'server.log')}"
+        )
 
 
-def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device: str | None = None,
-             show_progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    scenario: Scenario, config: FederationConfig, workdir: Path, device: str | None = None, show_progress: bool = True
+) -> dict[str, Any]:
     layout = DemoLayout(workdir.resolve())
     prepare_workdir(layout, scenario, config, device)
     layout.logs.mkdir(parents=True, exist_ok=True)
     port, health, metrics = free_port(), free_port(), free_port()
-    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos],
-                      prediction_notes(layout, scenario))
+    write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos], prediction_notes(layout, scenario))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     processes = Processes()
     try:
         with open(layout.logs / "server.log", "wb") as log:
-            processes.server = subprocess.Popen(server_command(layout, port, health, metrics), stdout=log,
-                                                stderr=subprocess.STDOUT, env=env)
+            processes.server = subprocess.Popen(
+                server_command(layout, port, health, metrics), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         # the agents start while the server loads its backbone (they retry until it answers): their imports
         # and data loading overlap the server's start instead of following it
         for silo in scenario.silos:
             with open(layout.logs / f"{silo.id}.log", "wb") as log:
-                processes.clients[silo.id] = subprocess.Popen(client_command(layout, silo.id, port), stdout=log,
-                                                              stderr=subprocess.STDOUT, env=env)
+                processes.clients[silo.id] = subprocess.Popen(
+                    client_command(layout, silo.id, port), stdout=log, stderr=subprocess.STDOUT, env=env
+                )
         wait_healthy(health, processes.server, layout.logs / "server.log")
         per_round = min(config.clients_per_round or len(scenario.silos), len(scenario.silos))
         follow(processes, layout, metrics, config, len(scenario.silos), per_round, show_progress)
@@ -285,8 +367,9 @@ def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device
             try:
                 code = process.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                raise TapError(f"agent {silo} did not exit after the federation finished:\n"
-                               f"{tail(layout.logs / f'{silo}.log')}") from None
+                raise TapError(
+                    f"agent {silo} did not exit after the federation finished:\n{tail(layout.logs / f'{silo}.log')}"
+                ) from None
             if code != 0:
                 raise TapError(f"agent {silo} exited with status {code}:\n{tail(layout.logs / f'{silo}.log')}")
     finally:
@@ -299,12 +382,27 @@ def run_demo(scenario: Scenario, config: FederationConfig, workdir: Path, device
 
 @click.command()
 @training_options
-@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("tap-demo"), show_default=True,
-              help="Kits, configs, state and logs go here (previous demo output in it is replaced).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
-              help="Also write the report here (it is always in WORKDIR/report.json).")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="PNG of the results (default WORKDIR/results.png).")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("tap-demo"),
+    show_default=True,
+    help="Kits, configs, state and logs go here (previous demo output in it is replaced).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the report here (it is always in WORKDIR/report.json).",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG of the results (default WORKDIR/results.png).",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @friendly_errors
 def demo(workdir: Path, report_path: Path | None, plot_path: Path | None, progress: bool, **opts: Any) -> None:

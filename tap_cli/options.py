@@ -34,27 +34,45 @@ def friendly_errors(func: Callable) -> Callable:
 def training_options(func: Callable) -> Callable:
     """Options shared by ``simulate`` and ``demo`` (None = the scenario's value)."""
     options = [
-        click.option("--scenario", default="tap-bench-mini", show_default=True, help="Built-in scenario name or YAML path."),
+        click.option(
+            "--scenario", default="tap-bench-mini", show_default=True, help="Built-in scenario name or YAML path."
+        ),
         click.option("--algorithm", type=click.Choice(ALGORITHMS), default="tap", show_default=True),
-        click.option("--rounds", type=click.IntRange(min=1), default=None,
-                     help="Federated rounds (default: the scenario's rounds:, else 3)."),
+        click.option(
+            "--rounds",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Federated rounds (default: the scenario's rounds:, else 3).",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--model", type=click.Choice(list(MODEL_PRESETS)), default=None,
-                     help="Model preset instead of the scenario's (tiny: random, fast, for tests)."),
+        click.option(
+            "--model",
+            type=click.Choice(list(MODEL_PRESETS)),
+            default=None,
+            help="Model preset instead of the scenario's (tiny: random, fast, for tests).",
+        ),
         click.option("--clients-per-round", type=click.IntRange(min=1), default=None),
         click.option("--local-steps", type=click.IntRange(min=1), default=None, help="E: optimiser steps per phase."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None),
         click.option("--grad-accum", type=click.IntRange(min=1), default=None),
         click.option("--peak-lr", type=float, default=None),
         click.option("--min-lr", type=float, default=None),
-        click.option("--replacement", type=click.Choice(REPLACEMENT_MODES), default=None,
-                     help="Compare on a validation slice (default) or on training losses (the authors' mode)."),
+        click.option(
+            "--replacement",
+            type=click.Choice(REPLACEMENT_MODES),
+            default=None,
+            help="Compare on a validation slice (default) or on training losses (the authors' mode).",
+        ),
         click.option("--margin", type=float, default=None, help="One replacement margin for every task."),
         click.option("--ft-steps", type=click.IntRange(min=0), default=None),
         click.option("--kd-steps", type=click.IntRange(min=0), default=None),
         click.option("--kd-temperature", type=float, default=None),
-        click.option("--kd-weight", type=float, default=None,
-                     help="One distillation weight for every task (0: stage 2 without the KD term)."),
+        click.option(
+            "--kd-weight",
+            type=float,
+            default=None,
+            help="One distillation weight for every task (0: stage 2 without the KD term).",
+        ),
         click.option("--device", default=None, help="auto | cpu | cuda"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads per process."),
         click.option("--wire-dtype", type=click.Choice(WIRE_DTYPES), default=None),
@@ -67,18 +85,32 @@ def training_options(func: Callable) -> Callable:
 def config_from_options(opts: dict[str, Any]):
     scenario = load_scenario(opts["scenario"])
     train = {
-        "local_steps": opts["local_steps"], "batch_size": opts["batch_size"], "grad_accum": opts["grad_accum"],
-        "peak_lr": opts["peak_lr"], "min_lr": opts["min_lr"], "replacement": opts["replacement"],
-        "ft_steps": opts["ft_steps"], "kd_steps": opts["kd_steps"], "kd_temperature": opts["kd_temperature"],
-        "device": opts["device"], "threads": opts["threads"],
+        "local_steps": opts["local_steps"],
+        "batch_size": opts["batch_size"],
+        "grad_accum": opts["grad_accum"],
+        "peak_lr": opts["peak_lr"],
+        "min_lr": opts["min_lr"],
+        "replacement": opts["replacement"],
+        "ft_steps": opts["ft_steps"],
+        "kd_steps": opts["kd_steps"],
+        "kd_temperature": opts["kd_temperature"],
+        "device": opts["device"],
+        "threads": opts["threads"],
         "margins": {"default": opts["margin"]} if opts["margin"] is not None else None,
         "kd_weights": {"default": opts["kd_weight"]} if opts.get("kd_weight") is not None else None,
     }
     federation = {"clients_per_round": opts["clients_per_round"]}
     if opts["wire_dtype"]:
         federation["wire"] = {"dtype": opts["wire_dtype"]}
-    config = compose_config(scenario, algorithm=opts["algorithm"], rounds=opts["rounds"] or scenario.rounds, seed=opts["seed"],
-                            model=opts["model"], train=train, federation=federation)
+    config = compose_config(
+        scenario,
+        algorithm=opts["algorithm"],
+        rounds=opts["rounds"] or scenario.rounds,
+        seed=opts["seed"],
+        model=opts["model"],
+        train=train,
+        federation=federation,
+    )
     return scenario, config
 
 

@@ -12,8 +12,14 @@ class FederationProgress:
     """Counts work units (one silo-round, one silo's stage 2) of a federation run."""
 
     def __init__(self, rounds: int, per_round: int, silos: int, label: str = "federation"):
-        self.bar = tqdm(total=rounds * per_round + silos, desc=label, unit="update", file=sys.stderr,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.bar = tqdm(
+            total=rounds * per_round + silos,
+            desc=label,
+            unit="update",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         self.rounds = rounds
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:

@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, dict[str, Any]], None]
 
 
-def run_simulation(scenario: Scenario, config: FederationConfig, progress: ProgressFn | None = None,
-                   workers: int = 1) -> dict[str, Any]:
+def run_simulation(
+    scenario: Scenario, config: FederationConfig, progress: ProgressFn | None = None, workers: int = 1
+) -> dict[str, Any]:
     """Load every silo's data (all of it first: nothing trains on a half-valid scenario), then run.
 
     ``workers`` > 1 runs the silos in that many worker processes (tap_core.silo_pool); the report is the same.
@@ -44,8 +45,12 @@ def run_simulation(scenario: Scenario, config: FederationConfig, progress: Progr
     return report
 
 
-def run_federation(silos: dict[str, SiloRuntime] | SiloPool, config: FederationConfig,
-                   progress: ProgressFn | None = None, federation: Federation | None = None) -> dict[str, Any]:
+def run_federation(
+    silos: dict[str, SiloRuntime] | SiloPool,
+    config: FederationConfig,
+    progress: ProgressFn | None = None,
+    federation: Federation | None = None,
+) -> dict[str, Any]:
     """Drive ``federation`` (a fresh one by default) with the silos until done; returns the report."""
     notify = progress or (lambda event, info: None)
     pool = silos if isinstance(silos, SiloPool) else InProcessSilos(silos, get_algorithm(config))
@@ -57,8 +62,9 @@ def run_federation(silos: dict[str, SiloRuntime] | SiloPool, config: FederationC
 
     while (status := federation.status()).phase == TRAINING:
         round_index = status.round
-        payloads = {silo_id: quantize(federation.payload(silo_id, round_index).values, dtype)
-                    for silo_id in status.selected}
+        payloads = {
+            silo_id: quantize(federation.payload(silo_id, round_index).values, dtype) for silo_id in status.selected
+        }
         for update in pool.local_rounds(round_index, payloads):
             update.values = quantize(update.values, dtype)
             federation.submit_update(update)
@@ -66,8 +72,9 @@ def run_federation(silos: dict[str, SiloRuntime] | SiloPool, config: FederationC
         notify("round", {"round": round_index})
 
     assert status.phase == FINISHING, status.phase
-    payloads = {silo_id: quantize(federation.payload(silo_id, status.round).values, dtype)
-                for silo_id in sorted(pool.silo_ids)}
+    payloads = {
+        silo_id: quantize(federation.payload(silo_id, status.round).values, dtype) for silo_id in sorted(pool.silo_ids)
+    }
     for result in pool.finish(payloads):
         federation.submit_result(result)
         notify("result", {"silo": result.silo, "primary": [t.primary for t in result.tasks]})

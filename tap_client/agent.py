@@ -133,8 +133,13 @@ class Agent:
         self.store.claim(response.federation_id, response.silo_id)
         self.heartbeat_s = max(1.0, response.heartbeat_interval_s)
         self.connection.open(config)  # the federation's message limits
-        log.info("hello: this is silo %s; federation %s runs %s for %d rounds", self.silo_id, config.name,
-                 config.algorithm, config.rounds)
+        log.info(
+            "hello: this is silo %s; federation %s runs %s for %d rounds",
+            self.silo_id,
+            config.name,
+            config.algorithm,
+            config.rounds,
+        )
 
     def prepare(self) -> None:
         config = self.federation_config
@@ -153,8 +158,9 @@ class Agent:
 
     def join(self) -> None:
         declaration = json.dumps(self.silo_runtime.declaration().to_json())
-        self.connection.call("join", lambda s: s.Join(pb.JoinRequest(declaration_json=declaration, client_version=VERSION),
-                                                      timeout=60))
+        self.connection.call(
+            "join", lambda s: s.Join(pb.JoinRequest(declaration_json=declaration, client_version=VERSION), timeout=60)
+        )
         log.info("joined the federation")
 
     # -- the loop -------------------------------------------------------------------
@@ -171,7 +177,8 @@ class Agent:
         self.join()
         while True:
             assignment = self.connection.call(
-                "poll", lambda s: s.Poll(pb.PollRequest(wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + 30))
+                "poll", lambda s: s.Poll(pb.PollRequest(wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + 30)
+            )
             if assignment.action == pb.Assignment.WAIT and assignment.message == NOT_JOINED:
                 log.info("the server does not know this silo (it restarted before the federation began): joining again")
                 self.join()
@@ -216,13 +223,16 @@ class Agent:
             values = self.download(round_index, layout)
             with Heartbeats(self.connection, self.heartbeat_s, "stage 2", round_index):
                 result, model = self.algorithm.finish(self.silo_runtime, values)
-            self.store.save_results(result, model.values(), final_model_metadata(self.silo_runtime, self.federation_config))
+            self.store.save_results(
+                result, model.values(), final_model_metadata(self.silo_runtime, self.federation_config)
+            )
             if self.metrics:
                 self.metrics.record_result(result)
         payload = json.dumps(result.to_json())
         with tolerate_moved_on("results"):
-            self.connection.call("report results",
-                                 lambda s: s.ReportResults(pb.ResultsRequest(results_json=payload), timeout=60))
+            self.connection.call(
+                "report results", lambda s: s.ReportResults(pb.ResultsRequest(results_json=payload), timeout=60)
+            )
         for task in result.tasks:
             log.info("final %s: %s", task.task, {k: round(v, 4) for k, v in task.metrics.items()})
 
@@ -253,4 +263,3 @@ class Agent:
         with tolerate_moved_on(f"upload of round {update.round}"):
             ack = self.connection.call(f"upload round {update.round}", send)
             log.info("round %d uploaded (%d bytes)", update.round, ack.payload_bytes)
-

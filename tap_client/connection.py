@@ -60,11 +60,18 @@ class FederationStub(pb_grpc.FederationStub):
 
     def __init__(self, channel: grpc.Channel):
         super().__init__(channel)
-        self.Download = channel.unary_stream("/tap.v1.Federation/Download",
-                                             request_serializer=pb.DownloadRequest.SerializeToString,
-                                             response_deserializer=None, _registered_method=True)
-        self.Upload = channel.stream_unary("/tap.v1.Federation/Upload", request_serializer=None,
-                                           response_deserializer=pb.UploadAck.FromString, _registered_method=True)
+        self.Download = channel.unary_stream(
+            "/tap.v1.Federation/Download",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=None,
+            _registered_method=True,
+        )
+        self.Upload = channel.stream_unary(
+            "/tap.v1.Federation/Upload",
+            request_serializer=None,
+            response_deserializer=pb.UploadAck.FromString,
+            _registered_method=True,
+        )
 
 
 def rejection(exc: grpc.RpcError) -> Refused:
@@ -106,27 +113,42 @@ def load_kit(directory: Path) -> Kit:
         raise ConfigError(str(directory / "client.key"), f"unreadable private key: {exc}") from exc
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
-        raise ConfigError(str(directory / "client.key"), "does not belong to client.crt", "use the key and certificate of one kit")
+        raise ConfigError(
+            str(directory / "client.key"), "does not belong to client.crt", "use the key and certificate of one kit"
+        )
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise ConfigError(str(directory / "client.crt"), "is not signed by the kit's ca.crt",
-                          "use the certificate and CA from the same provisioning") from exc
+        raise ConfigError(
+            str(directory / "client.crt"),
+            "is not signed by the kit's ca.crt",
+            "use the certificate and CA from the same provisioning",
+        ) from exc
     now = dt.datetime.now(dt.timezone.utc)
     for name, c in (("client.crt", cert), ("ca.crt", ca)):
         if now > c.not_valid_after_utc:
-            raise ConfigError(str(directory / name), f"expired on {c.not_valid_after_utc:%Y-%m-%d}",
-                              "ask the operator for a new kit")
+            raise ConfigError(
+                str(directory / name), f"expired on {c.not_valid_after_utc:%Y-%m-%d}", "ask the operator for a new kit"
+            )
         if now < c.not_valid_before_utc:
-            raise ConfigError(str(directory / name), f"is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
-                              "check this machine's clock")
+            raise ConfigError(
+                str(directory / name),
+                f"is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+                "check this machine's clock",
+            )
     names = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
     return Kit(directory, ca_pem, cert_pem, key_pem, str(names[0].value) if names else "")
 
 
 class Connection:
-    def __init__(self, kit: Kit, server: str, config: FederationConfig | None = None, server_name: str | None = None,
-                 give_up_after_s: float = 3600.0):
+    def __init__(
+        self,
+        kit: Kit,
+        server: str,
+        config: FederationConfig | None = None,
+        server_name: str | None = None,
+        give_up_after_s: float = 3600.0,
+    ):
         self.kit = kit
         self.server = server
         self.server_name = server_name
@@ -139,8 +161,9 @@ class Connection:
         """(Re)open the channel with ``config``'s message limits."""
         if self.channel is not None:
             self.channel.close()
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.kit.ca, private_key=self.kit.key,
-                                                   certificate_chain=self.kit.cert)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.kit.ca, private_key=self.kit.key, certificate_chain=self.kit.cert
+        )
         options = channel_options(config)
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
@@ -179,8 +202,10 @@ class Connection:
     def raise_if_final(self, what: str, rejected: Refused) -> None:
         details = str(rejected)
         if rejected.reason in IDENTITY:
-            raise AuthFailure(rejected.reason, f"the server refused silo {self.kit.silo} "
-                                               f"({self.kit.directory / 'client.crt'}): {details}")
+            raise AuthFailure(
+                rejected.reason,
+                f"the server refused silo {self.kit.silo} ({self.kit.directory / 'client.crt'}): {details}",
+            )
         refusal = None
         if rejected.reason == "unavailable":
             refusal = "untrusted" if any(w in details.lower() for w in _CERTIFICATE_WORDS) else self.tls_refusal()
@@ -188,15 +213,23 @@ class Connection:
                 time.sleep(1.0)
                 refusal = self.tls_refusal()
         if refusal == "untrusted":
-            raise AuthFailure("bad_certificate", (
-                f"TLS handshake with {self.server} failed: {details.strip()[:300]}. Either the server's certificate is "
-                f"not signed by {self.kit.directory / 'ca.crt'} (wrong kit or wrong server address), or the server does "
-                f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)"))
+            raise AuthFailure(
+                "bad_certificate",
+                (
+                    f"TLS handshake with {self.server} failed: {details.strip()[:300]}. Either the server's certificate is "
+                    f"not signed by {self.kit.directory / 'ca.crt'} (wrong kit or wrong server address), or the server does "
+                    f"not trust {self.kit.directory / 'client.crt'} (issued by another federation's CA)"
+                ),
+            )
         if refusal == "hung_up":
-            raise AuthFailure("bad_certificate", (
-                f"the server at {self.server} completed the TLS handshake and then closed the connection at once: it does "
-                f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
-                "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit"))
+            raise AuthFailure(
+                "bad_certificate",
+                (
+                    f"the server at {self.server} completed the TLS handshake and then closed the connection at once: it does "
+                    f"not accept this silo's certificate {self.kit.directory / 'client.crt'} (issued by another federation's "
+                    "CA, or expired or not yet valid by the server's clock). Ask the operator for a new kit"
+                ),
+            )
         if rejected.reason not in TRANSIENT:  # e.g. too big (the server's size check or gRPC's limit) stays too big
             raise Refused(rejected.reason, f"{what}: {details}")
 

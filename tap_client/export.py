@@ -58,8 +58,11 @@ def final_model_metadata(runtime: SiloRuntime, config: FederationConfig) -> dict
         "model": to_mapping(config.model),
         "silo_labels": {task: list(labels) for task, labels in subsets.items()},
         "inputs": {task.name: trained_columns(task) for task in runtime.silo.tasks},
-        "evaluation": {"batch_size": config.train.eval_batch_size, "threads": config.train.threads,
-                       "amp": config.train.amp},
+        "evaluation": {
+            "batch_size": config.train.eval_batch_size,
+            "threads": config.train.threads,
+            "amp": config.train.amp,
+        },
     }
 
 
@@ -94,15 +97,22 @@ def read_state(state_dir: Path, version: str = "") -> tuple[ModelCard, dict]:
     store = ClientStore(state_dir)
     owner, final, results = store.owner(), store.load_final_model(), store.load_results()
     if owner is None or final is None or results is None:
-        missing = [name for name, thing in (("federation.json", owner), (FINAL_MODEL, final), ("results.json", results))
-                   if thing is None]
-        raise ExportError(f"--state {state_dir} has no {' or '.join(missing)}: this silo has not finished a federation "
-                          "there (fix: export after tap-client run exits 0; it writes them at the end)")
+        missing = [
+            name
+            for name, thing in (("federation.json", owner), (FINAL_MODEL, final), ("results.json", results))
+            if thing is None
+        ]
+        raise ExportError(
+            f"--state {state_dir} has no {' or '.join(missing)}: this silo has not finished a federation "
+            "there (fix: export after tap-client run exits 0; it writes them at the end)"
+        )
     values, meta = final
     absent = [key for key in EXPORT_KEYS if key not in meta]
     if absent:
-        raise ExportError(f"{state_dir / FINAL_MODEL} was written by an older tap-client: its metadata lacks "
-                          f"{', '.join(absent)} (fix: run the federation again with this version to export it)")
+        raise ExportError(
+            f"{state_dir / FINAL_MODEL} was written by an older tap-client: its metadata lacks "
+            f"{', '.join(absent)} (fix: run the federation again with this version to export it)"
+        )
     where = str(state_dir / FINAL_MODEL)
     try:
         spec = from_mapping(ModelSpec, meta["model"], f"{where} model")
@@ -114,18 +124,35 @@ def read_state(state_dir: Path, version: str = "") -> tuple[ModelCard, dict]:
     for task in tasks:
         labels = meta["silo_labels"].get(task.name)
         exported[task.name] = ExportedTask(
-            name=task.name, kind=task.kind, modalities=task.modalities,
+            name=task.name,
+            kind=task.kind,
+            modalities=task.modalities,
             labels=task.labels if task.kind == "classification" else None,
             silo_labels=tuple(labels) if labels is not None else None,
-            inputs=dict(meta["inputs"].get(task.name, {})), metrics=dict(metrics.get(task.name, {})))
+            inputs=dict(meta["inputs"].get(task.name, {})),
+            metrics=dict(metrics.get(task.name, {})),
+        )
     evaluation = meta["evaluation"]
     card = ModelCard(
-        silo=str(meta["silo"]), federation=str(meta["federation"]), federation_id=str(owner.get("federation_id", "")),
-        algorithm=str(meta["algorithm"]), rounds=int(meta["rounds"]), seed=int(meta["seed"]), model=spec,
-        fingerprint=str(meta["fingerprint"]), plan=ModelPlan(tasks, int(meta["fusion_layers"])), tasks=exported,
-        batch_size=int(evaluation["batch_size"]), threads=int(evaluation["threads"]), amp=bool(evaluation["amp"]),
-        exported={"at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "by": f"tap-client export {version}".strip(), "from": str(state_dir.resolve())})
+        silo=str(meta["silo"]),
+        federation=str(meta["federation"]),
+        federation_id=str(owner.get("federation_id", "")),
+        algorithm=str(meta["algorithm"]),
+        rounds=int(meta["rounds"]),
+        seed=int(meta["seed"]),
+        model=spec,
+        fingerprint=str(meta["fingerprint"]),
+        plan=ModelPlan(tasks, int(meta["fusion_layers"])),
+        tasks=exported,
+        batch_size=int(evaluation["batch_size"]),
+        threads=int(evaluation["threads"]),
+        amp=bool(evaluation["amp"]),
+        exported={
+            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "by": f"tap-client export {version}".strip(),
+            "from": str(state_dir.resolve()),
+        },
+    )
     return card, values
 
 
@@ -136,8 +163,10 @@ def _check_destination(out_dir: Path) -> None:
     if not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} is a file (fix: choose a directory path)")
     if any(out_dir.iterdir()) and not _is_export(out_dir):
-        raise ExportError(f"--out {out_dir} is not empty and holds no earlier export; nothing was written "
-                          "(fix: choose a new or empty directory)")
+        raise ExportError(
+            f"--out {out_dir} is not empty and holds no earlier export; nothing was written "
+            "(fix: choose a new or empty directory)"
+        )
 
 
 def _is_export(directory: Path) -> bool:
@@ -151,8 +180,10 @@ def _copy_tokenizer(spec: ModelSpec, target: Path) -> None:
     """The tokenizer files the model's token ids refer to (MiniLM's unless ``model.tokenizer`` names another)."""
     source = Path(spec.tokenizer) if spec.tokenizer else minilm_path()
     if not (source / "vocab.txt").is_file():
-        raise ExportError(f"the model's tokenizer {source} has no vocab.txt (fix: install the base model it was "
-                          "trained with on this machine)")
+        raise ExportError(
+            f"the model's tokenizer {source} has no vocab.txt (fix: install the base model it was "
+            "trained with on this machine)"
+        )
     target.mkdir(parents=True)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():

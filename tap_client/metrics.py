@@ -12,8 +12,12 @@ class ClientMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.round = Gauge("tap_client_round", "Last round this silo trained.", registry=r)
-        self.task_loss = Gauge("tap_client_task_loss", "Global-copy training loss in the last round.", ["task"], registry=r)
-        self.personal_loss = Gauge("tap_client_personal_loss", "Personal model loss after the last round.", ["task"], registry=r)
+        self.task_loss = Gauge(
+            "tap_client_task_loss", "Global-copy training loss in the last round.", ["task"], registry=r
+        )
+        self.personal_loss = Gauge(
+            "tap_client_personal_loss", "Personal model loss after the last round.", ["task"], registry=r
+        )
         self.replacements = Counter("tap_client_replacements", "Adaptive replacements, by task.", ["task"], registry=r)
         self.train_seconds = Counter("tap_client_train_seconds", "Seconds spent in local training.", registry=r)
         self.final_primary = Gauge("tap_client_final_primary", "Final primary score, by task.", ["task"], registry=r)

@@ -44,8 +44,9 @@ def predict_file(options: PredictOptions) -> int:
     exported = card.task(options.task)  # an unknown task fails before any input is read or model built
     task = card.plan.task(options.task)
     columns = {**exported.inputs, **{role: c for role, c in options.columns.items() if c}}
-    inputs = read_inputs(options.input, task, columns, options.format,
-                         where=f"task {task.name}, --input {options.input}")
+    inputs = read_inputs(
+        options.input, task, columns, options.format, where=f"task {task.name}, --input {options.input}"
+    )
     from tap_core.inference import load_model
 
     predictor = load_model(options.model, options.device, options.backbone_path, options.text_encoder_path)
@@ -55,8 +56,11 @@ def predict_file(options: PredictOptions) -> int:
         images_dir = options.images_dir or options.output.with_name(options.output.stem + "-images")
         images_dir.mkdir(parents=True, exist_ok=True)
     options.output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(options.output) as tmp, open(tmp, "w", encoding="utf-8") as out, \
-            tqdm(total=inputs.n, unit="row", desc=f"predict {task.name}", disable=not options.progress) as bar:
+    with (
+        atomic_file(options.output) as tmp,
+        open(tmp, "w", encoding="utf-8") as out,
+        tqdm(total=inputs.n, unit="row", desc=f"predict {task.name}", disable=not options.progress) as bar,
+    ):
         for start in range(0, inputs.n, size):
             rows = np.arange(start, min(start + size, inputs.n))
             results = predictor.predict_examples(task.name, inputs.examples(rows, predictor.image_size))

@@ -37,9 +37,11 @@ def _writing(directory: Path, what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise TapError(f"cannot write {what} in the agent's state dir {directory} ({exc.strerror or exc}); the "
-                       "previous state there is intact: free space or make the directory writable, then start the "
-                       "agent again (it resumes from that state)") from exc
+        raise TapError(
+            f"cannot write {what} in the agent's state dir {directory} ({exc.strerror or exc}); the "
+            "previous state there is intact: free space or make the directory writable, then start the "
+            "agent again (it resumes from that state)"
+        ) from exc
 
 
 class ClientStore:
@@ -59,10 +61,13 @@ class ClientStore:
                 raise TapError(
                     f"state dir {self.directory} belongs to silo {owner.get('silo')} of federation "
                     f"{owner.get('federation_id', '?')[:12]}…, not silo {silo_id} of {federation_id[:12]}…; "
-                    "use another --state (or delete this one to start over)")
+                    "use another --state (or delete this one to start over)"
+                )
             return
         if any(self.directory.iterdir()):
-            raise TapError(f"state dir {self.directory} is not empty and was not written by tap-client; use another --state")
+            raise TapError(
+                f"state dir {self.directory} is not empty and was not written by tap-client; use another --state"
+            )
         with _writing(self.directory, "federation.json"):
             atomic_write_json(marker, {"federation_id": federation_id, "silo": silo_id})
 
@@ -70,8 +75,9 @@ class ClientStore:
 
     def save_silo(self, silo_id: str, state: SiloState, personal: ComponentValues | None, round_index: int) -> None:
         with _writing(self.directory, "the personal model"):
-            self.silo.save({"silo": silo_id, "state": state.to_json(), "round": round_index}, personal,
-                           tag=f"r{round_index}")
+            self.silo.save(
+                {"silo": silo_id, "state": state.to_json(), "round": round_index}, personal, tag=f"r{round_index}"
+            )
 
     def load_silo(self) -> tuple[str, SiloState, ComponentValues | None] | None:
         if not self.silo.exists():
@@ -92,16 +98,21 @@ class ClientStore:
         meta, values = self.update.load()
         if meta["silo"] != silo_id or int(meta["round"]) != round_index:
             return None
-        return ClientUpdate(silo=silo_id, round=round_index, values=values or {},
-                            weights={k: float(v) for k, v in meta["weights"].items()},
-                            stats=RoundStats.from_json(meta["stats"]))
+        return ClientUpdate(
+            silo=silo_id,
+            round=round_index,
+            values=values or {},
+            weights={k: float(v) for k, v in meta["weights"].items()},
+            stats=RoundStats.from_json(meta["stats"]),
+        )
 
     # stage 2
 
     def save_results(self, result: SiloResult, final_values: ComponentValues, metadata: dict[str, Any]) -> None:
         with _writing(self.directory, "the final model and results"):
-            atomic_save_tensors(self.directory / FINAL_MODEL, final_values,
-                                metadata={"tap": json.dumps(metadata, sort_keys=True)})
+            atomic_save_tensors(
+                self.directory / FINAL_MODEL, final_values, metadata={"tap": json.dumps(metadata, sort_keys=True)}
+            )
             atomic_write_json(self.directory / "results.json", result.to_json())
 
     def load_results(self) -> SiloResult | None:

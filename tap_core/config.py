@@ -124,9 +124,7 @@ class TrainConfig:
     ft_steps: int = 50
     kd_steps: int = 50
     kd_temperature: float = 2.0
-    kd_weights: Mapping[str, float] = field(
-        default_factory=lambda: {"text_classification": 1.0, "default": 2e-3}
-    )
+    kd_weights: Mapping[str, float] = field(default_factory=lambda: {"text_classification": 1.0, "default": 2e-3})
     val_fraction: float = 0.1
     max_val_examples: int = 128
     eval_batch_size: int = 64
@@ -380,19 +378,35 @@ def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
 
 
 def validate_task(task: TaskSpec, where: str) -> None:
-    _check(bool(task.name) and "." not in task.name and "/" not in task.name, f"{where}.name",
-           f"task name {task.name!r} must be non-empty without '.' or '/'", "use letters, digits, '-' and '_'")
+    _check(
+        bool(task.name) and "." not in task.name and "/" not in task.name,
+        f"{where}.name",
+        f"task name {task.name!r} must be non-empty without '.' or '/'",
+        "use letters, digits, '-' and '_'",
+    )
     _check_choice(task.kind, TASK_KINDS, f"{where}.kind")
-    _check(len(task.modalities) > 0, f"{where}.modalities", "needs at least one modality", "use [image], [text] or [image, text]")
+    _check(
+        len(task.modalities) > 0,
+        f"{where}.modalities",
+        "needs at least one modality",
+        "use [image], [text] or [image, text]",
+    )
     for i, m in enumerate(task.modalities):
         _check_choice(m, MODALITIES, f"{where}.modalities[{i}]")
     _check(len(set(task.modalities)) == len(task.modalities), f"{where}.modalities", "lists a modality twice")
     if task.kind == "image_generation":
-        _check("image" in task.modalities, f"{where}.modalities", "image_generation reconstructs images, so it needs the image modality",
-               "add image to modalities")
+        _check(
+            "image" in task.modalities,
+            f"{where}.modalities",
+            "image_generation reconstructs images, so it needs the image modality",
+            "add image to modalities",
+        )
     for key, value in (("family", task.family), ("domain", task.domain)):
-        _check(bool(value) and "." not in value and value != SHARED, f"{where}.{key}",
-               f"{key} {value!r} must be non-empty, without '.', and not '{SHARED}'")
+        _check(
+            bool(value) and "." not in value and value != SHARED,
+            f"{where}.{key}",
+            f"{key} {value!r} must be non-empty, without '.', and not '{SHARED}'",
+        )
     if task.labels is not None:
         _check(len(task.labels) >= 2, f"{where}.labels", "a classification task needs at least 2 labels")
         _check(len(set(task.labels)) == len(task.labels), f"{where}.labels", "lists a label twice")
@@ -430,8 +444,12 @@ def validate_train(cfg: TrainConfig, where: str) -> None:
     _check_choice(cfg.replacement, REPLACEMENT_MODES, f"{where}.replacement")
     _check_choice(cfg.amp_dtype, AMP_DTYPES, f"{where}.amp_dtype")
     _check_choice(cfg.compile, COMPILE_MODES, f"{where}.compile")
-    _check(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"), f"{where}.device",
-           f"unknown device {cfg.device!r}", "use auto, cpu, cuda or cuda:N")
+    _check(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+        f"{where}.device",
+        f"unknown device {cfg.device!r}",
+        "use auto, cpu, cuda or cuda:N",
+    )
     for table in ("margins", "kd_weights"):
         values = getattr(cfg, table)
         _check("default" in values, f"{where}.{table}", "needs a 'default' entry")
@@ -446,10 +464,17 @@ def validate_federation(cfg: FederationConfig, where: str = "federation") -> Non
     if cfg.clients_per_round is not None:
         _check(cfg.clients_per_round >= cfg.min_clients, f"{where}.clients_per_round", "must be >= min_clients")
     _check_choice(cfg.wire.dtype, WIRE_DTYPES, f"{where}.wire.dtype")
-    _check(64 * 1024 <= cfg.wire.chunk_bytes <= 16 * 1024 * 1024, f"{where}.wire.chunk_bytes",
-           "must be between 64 KiB and 16 MiB", "1-4 MiB is a good choice")
-    _check(cfg.wire.max_message_bytes >= cfg.wire.chunk_bytes + 64 * 1024, f"{where}.wire.max_message_bytes",
-           "must exceed chunk_bytes by at least 64 KiB")
+    _check(
+        64 * 1024 <= cfg.wire.chunk_bytes <= 16 * 1024 * 1024,
+        f"{where}.wire.chunk_bytes",
+        "must be between 64 KiB and 16 MiB",
+        "1-4 MiB is a good choice",
+    )
+    _check(
+        cfg.wire.max_message_bytes >= cfg.wire.chunk_bytes + 64 * 1024,
+        f"{where}.wire.max_message_bytes",
+        "must exceed chunk_bytes by at least 64 KiB",
+    )
     if cfg.expected_silos is not None:
         _check(cfg.expected_silos >= cfg.min_clients, f"{where}.expected_silos", "must be >= min_clients")
     for name in ("join_s", "round_s", "finish_s", "heartbeat_s"):
@@ -464,22 +489,35 @@ def validate_limits(limits: LimitsConfig, wire: WireConfig, where: str) -> None:
     for f in dataclasses.fields(limits):
         value = getattr(limits, f.name)
         if f.name == "max_plan_bytes":
-            _check(value == 0 or 4096 <= value <= wire.max_message_bytes // 2, f"{where}.{f.name}",
-                   f"must be 0 (a quarter of wire.max_message_bytes) or between 4096 and half of wire.max_message_bytes "
-                   f"({wire.max_message_bytes // 2}): the plan travels in one message beside the layout")
+            _check(
+                value == 0 or 4096 <= value <= wire.max_message_bytes // 2,
+                f"{where}.{f.name}",
+                f"must be 0 (a quarter of wire.max_message_bytes) or between 4096 and half of wire.max_message_bytes "
+                f"({wire.max_message_bytes // 2}): the plan travels in one message beside the layout",
+            )
         else:
             _check(value > 0, f"{where}.{f.name}", "must be > 0")
     _check(limits.stream_max_s >= limits.stream_idle_s, f"{where}.stream_max_s", "must be >= stream_idle_s")
-    _check(limits.max_labels_per_silo >= limits.max_labels_per_task, f"{where}.max_labels_per_silo",
-           "must be >= max_labels_per_task")
-    _check(limits.streams_per_connection >= 4, f"{where}.streams_per_connection",
-           "must be >= 4 (an agent polls, streams and sends heartbeats on one connection)")
+    _check(
+        limits.max_labels_per_silo >= limits.max_labels_per_task,
+        f"{where}.max_labels_per_silo",
+        "must be >= max_labels_per_task",
+    )
+    _check(
+        limits.streams_per_connection >= 4,
+        f"{where}.streams_per_connection",
+        "must be >= 4 (an agent polls, streams and sends heartbeats on one connection)",
+    )
 
 
 def validate_aggregation(cfg: AggregationConfig, where: str) -> None:
     if cfg.max_weight_share is not None:
-        _check(0 < cfg.max_weight_share <= 1, f"{where}.max_weight_share", "must be in (0, 1], or null for no cap",
-               "e.g. 0.5: no silo outweighs all the others together")
+        _check(
+            0 < cfg.max_weight_share <= 1,
+            f"{where}.max_weight_share",
+            "must be in (0, 1], or null for no cap",
+            "e.g. 0.5: no silo outweighs all the others together",
+        )
     if cfg.max_update_norm_ratio is not None:
         _check(cfg.max_update_norm_ratio > 0, f"{where}.max_update_norm_ratio", "must be > 0, or null for no bound")
 

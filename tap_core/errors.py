@@ -100,11 +100,24 @@ REASON_STATUS: dict[str, str] = {
 #: The server moved on or already has it: nothing is wrong with what was sent (the agent waits for its next turn).
 MOVED_ON = frozenset({"stale_round", "future_round", "not_selected", "duplicate"})
 #: The caller's identity was refused: retrying with the same certificate will not help.
-IDENTITY = frozenset({"no_certificate", "bad_certificate", "not_provisioned", "unknown_certificate", "retired_certificate",
-                      "revoked"})
+IDENTITY = frozenset(
+    {"no_certificate", "bad_certificate", "not_provisioned", "unknown_certificate", "retired_certificate", "revoked"}
+)
 #: Retrying later may succeed.
-TRANSIENT = frozenset({"busy", "too_many_calls", "internal", "unavailable", "deadline_exceeded", "cancelled", "aborted",
-                       "unknown", "stream_idle", "stream_too_long"})
+TRANSIENT = frozenset(
+    {
+        "busy",
+        "too_many_calls",
+        "internal",
+        "unavailable",
+        "deadline_exceeded",
+        "cancelled",
+        "aborted",
+        "unknown",
+        "stream_idle",
+        "stream_too_long",
+    }
+)
 
 REASON_METADATA_KEY = "tap-reason"  # trailing metadata of a refused call: the reason
 

@@ -44,8 +44,11 @@ class TapPredictor:
         self.device = device
         self.image_size = image_size
         self._trainer = Trainer(TrainConfig(amp=card.amp), device)  # its autocast: the one evaluation ran under
-        self._allowed = {t.name: allowed_outputs(t.labels, t.silo_labels) for t in card.tasks.values()
-                         if t.kind == "classification" and t.labels is not None and t.silo_labels is not None}
+        self._allowed = {
+            t.name: allowed_outputs(t.labels, t.silo_labels)
+            for t in card.tasks.values()
+            if t.kind == "classification" and t.labels is not None and t.silo_labels is not None
+        }
 
     @property
     def tasks(self) -> list[str]:
@@ -56,8 +59,14 @@ class TapPredictor:
 
     # -- the public call ------------------------------------------------------------
 
-    def predict(self, task: str, texts: Sequence[str] | None = None, images: Sequence[Any] | np.ndarray | None = None,
-                rows: Sequence[Mapping[str, Any]] | None = None, batch_size: int | None = None) -> list[Prediction]:
+    def predict(
+        self,
+        task: str,
+        texts: Sequence[str] | None = None,
+        images: Sequence[Any] | np.ndarray | None = None,
+        rows: Sequence[Mapping[str, Any]] | None = None,
+        batch_size: int | None = None,
+    ) -> list[Prediction]:
         """One prediction per input row, in order.
 
         ``texts``: strings; ``images``: file paths, PIL images, uint8 / [0, 1] float arrays (H, W[, C]) or one
@@ -108,8 +117,10 @@ class TapPredictor:
         choice = logits.argmax(-1).cpu()  # of the logits, as evaluation: no ties made by rounding in softmax
         labels = exported.labels or ()
         shown = [i for i, label in enumerate(labels) if allowed is None or bool(allowed[i])]
-        return [{"prediction": labels[int(c)], "probabilities": {labels[i]: float(p[i]) for i in shown}}
-                for c, p in zip(choice, probabilities)]
+        return [
+            {"prediction": labels[int(c)], "probabilities": {labels[i]: float(p[i]) for i in shown}}
+            for c, p in zip(choice, probabilities)
+        ]
 
     def _columns_of(self, exported: ExportedTask, rows: Sequence[Mapping[str, Any]]) -> tuple[list | None, list | None]:
         needs = input_roles(self._task_spec(exported.name))
@@ -122,8 +133,11 @@ class TapPredictor:
                 key = next((k for k in keys if k in row), None)
                 if key is None:
                     has = ", ".join(map(str, row)) or "nothing"
-                    raise DataError(f"rows[{i}]", f"has no {' or '.join(map(repr, keys))} field, which task "
-                                    f"{exported.name} reads", f"add it; the row has {has}")
+                    raise DataError(
+                        f"rows[{i}]",
+                        f"has no {' or '.join(map(repr, keys))} field, which task {exported.name} reads",
+                        f"add it; the row has {has}",
+                    )
                 found[role].append(row[key])
         return found.get("texts"), found.get("images")
 
@@ -133,11 +147,15 @@ class TapPredictor:
         given = {"texts": texts, "images": images}
         for role, values in given.items():
             if role in needs and values is None:
-                raise DataError("predict", f"task {exported.name} reads {role} ({', '.join(sorted(needs))})",
-                                f"pass {role}=[...]")
+                raise DataError(
+                    "predict", f"task {exported.name} reads {role} ({', '.join(sorted(needs))})", f"pass {role}=[...]"
+                )
             if role not in needs and values is not None:
-                raise DataError("predict", f"task {exported.name} does not read {role}; "
-                                f"it reads {', '.join(sorted(needs))}", f"leave {role} out")
+                raise DataError(
+                    "predict",
+                    f"task {exported.name} does not read {role}; it reads {', '.join(sorted(needs))}",
+                    f"leave {role} out",
+                )
         counts = {role: len(given[role]) for role in needs}
         if len(set(counts.values())) > 1:
             raise DataError("predict", f"inputs differ in length: {counts}", "pass one text and one image per row")
@@ -159,8 +177,9 @@ class TapPredictor:
         return next(iter(counts.values())), batch_of
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", backbone_path: str | None = None,
-               text_encoder_path: str | None = None) -> TapPredictor:
+def load_model(
+    model_dir: str | Path, device: str = "cpu", backbone_path: str | None = None, text_encoder_path: str | None = None
+) -> TapPredictor:
     """Load a directory written by ``tap-client export``.
 
     It needs the same frozen backbone it was trained on: the model spec in model.json is built here
@@ -172,9 +191,12 @@ def load_model(model_dir: str | Path, device: str = "cpu", backbone_path: str | 
     tokenizer_dir = model_dir / TOKENIZER_DIR
     if not (tokenizer_dir / "vocab.txt").is_file():
         raise ExportError(f"{model_dir} has no {TOKENIZER_DIR}/vocab.txt (fix: export the model again)")
-    spec = dataclasses.replace(card.model, tokenizer=str(tokenizer_dir.resolve()),
-                               path=backbone_path or card.model.path,
-                               text_encoder=text_encoder_path or card.model.text_encoder)
+    spec = dataclasses.replace(
+        card.model,
+        tokenizer=str(tokenizer_dir.resolve()),
+        path=backbone_path or card.model.path,
+        text_encoder=text_encoder_path or card.model.text_encoder,
+    )
     torch_device = select_device(device)
     fingerprint = build_backbone(spec).fingerprint
     if fingerprint != card.fingerprint:
@@ -182,14 +204,17 @@ def load_model(model_dir: str | Path, device: str = "cpu", backbone_path: str | 
             f"{model_dir} was trained on a frozen backbone with fingerprint {card.fingerprint[:16]}…, but the one "
             f"built here ({_describe(spec)}) has {fingerprint[:16]}…: its weights, tokenizer or architecture differ "
             "(fix: load it where the same base model is installed, or point backbone_path / --backbone-path and "
-            "text_encoder_path / --text-encoder-path at the directories it was trained with)")
+            "text_encoder_path / --text-encoder-path at the directories it was trained with)"
+        )
     backbone = backbone_on(spec, torch_device, frozen_dtype(torch_device, card.amp))
     model = TapModel(card.plan, backbone, card.seed)
     values = load_tensors(model_dir / WEIGHTS)
     missing = sorted(set(model.components) - set(values))
     if missing:
-        raise ModelMismatchError(f"{model_dir / WEIGHTS} has no values for component {missing[0]} "
-                                 f"({len(missing)} missing) (fix: export the model again)")
+        raise ModelMismatchError(
+            f"{model_dir / WEIGHTS} has no values for component {missing[0]} "
+            f"({len(missing)} missing) (fix: export the model again)"
+        )
     model.load_values(values)
     return TapPredictor(card, model, load_tokenizer(spec.tokenizer), torch_device, backbone.image_size)
 

@@ -19,8 +19,9 @@ from tap_core.config import TaskSpec
 from tap_core.data.types import TaskData
 
 
-def silo_label_subset(head_labels: Sequence[str], declared: Sequence[str] | None,
-                      training_labels: Iterable[str]) -> tuple[str, ...]:
+def silo_label_subset(
+    head_labels: Sequence[str], declared: Sequence[str] | None, training_labels: Iterable[str]
+) -> tuple[str, ...]:
     """The labels one silo's task predicts among, in head order.
 
     ``declared``: the silo's own ``labels:`` list (None when it declares none);
@@ -30,8 +31,9 @@ def silo_label_subset(head_labels: Sequence[str], declared: Sequence[str] | None
     return tuple(label for label in head_labels if label in own)
 
 
-def silo_label_subsets(own_tasks: Iterable[TaskSpec], data: Mapping[str, TaskData],
-                       head_tasks: Iterable[TaskSpec]) -> dict[str, tuple[str, ...]]:
+def silo_label_subsets(
+    own_tasks: Iterable[TaskSpec], data: Mapping[str, TaskData], head_tasks: Iterable[TaskSpec]
+) -> dict[str, tuple[str, ...]]:
     """:func:`silo_label_subset` of every classification task of one silo.
 
     ``own_tasks``: the silo's tasks as its config declares them; ``head_tasks``: the same tasks in the

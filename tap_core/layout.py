@@ -43,4 +43,6 @@ def layout_to_json(layout: Layout) -> dict[str, list[list[Any]]]:
 
 
 def layout_from_json(data: Mapping[str, list[list[Any]]]) -> Layout:
-    return {str(c): [(str(name), tuple(int(d) for d in shape)) for name, shape in tensors] for c, tensors in data.items()}
+    return {
+        str(c): [(str(name), tuple(int(d) for d in shape)) for name, shape in tensors] for c, tensors in data.items()
+    }

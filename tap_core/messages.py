@@ -71,9 +71,14 @@ class ReplacementEvent:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ReplacementEvent":
         loss = data.get("personal_loss")
-        return cls(round=int(data["round"]), task=str(data["task"]), global_loss=float(data["global_loss"]),
-                   personal_loss=math.inf if loss is None else float(loss), margin=float(data["margin"]),
-                   components=[str(c) for c in data["components"]])
+        return cls(
+            round=int(data["round"]),
+            task=str(data["task"]),
+            global_loss=float(data["global_loss"]),
+            personal_loss=math.inf if loss is None else float(loss),
+            margin=float(data["margin"]),
+            components=[str(c) for c in data["components"]],
+        )
 
 
 @dataclass
@@ -135,10 +140,16 @@ class TaskResult:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TaskResult":
         baseline = data.get("baseline")
-        return cls(silo=str(data["silo"]), task=str(data["task"]), kind=str(data["kind"]),
-                   metrics={str(k): float(v) for k, v in data["metrics"].items()}, primary=float(data["primary"]),
-                   steps=int(data.get("steps", 0)), baseline=None if baseline is None else float(baseline),
-                   test_examples=int(data.get("test_examples", 0)))
+        return cls(
+            silo=str(data["silo"]),
+            task=str(data["task"]),
+            kind=str(data["kind"]),
+            metrics={str(k): float(v) for k, v in data["metrics"].items()},
+            primary=float(data["primary"]),
+            steps=int(data.get("steps", 0)),
+            baseline=None if baseline is None else float(baseline),
+            test_examples=int(data.get("test_examples", 0)),
+        )
 
 
 @dataclass
@@ -160,6 +171,8 @@ class SiloResult:
             silo=str(data["silo"]),
             tasks=[TaskResult.from_json(t) for t in data["tasks"]],
             kd_losses={str(k): float(v) for k, v in data.get("kd_losses", {}).items()},
-            stage1_metrics={str(k): {str(m): float(x) for m, x in v.items()} for k, v in data.get("stage1_metrics", {}).items()},
+            stage1_metrics={
+                str(k): {str(m): float(x) for m, x in v.items()} for k, v in data.get("stage1_metrics", {}).items()
+            },
             seconds=float(data.get("seconds", 0.0)),
         )

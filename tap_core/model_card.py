@@ -25,8 +25,11 @@ WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 # what BertTokenizerFast.from_pretrained reads; vocab.txt is required (the fingerprint hashes it)
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-KIND_WORDS = {"classification": "classification", "text_generation": "text generation",
-              "image_generation": "image generation"}
+KIND_WORDS = {
+    "classification": "classification",
+    "text_generation": "text generation",
+    "image_generation": "image generation",
+}
 
 
 class ExportError(TapError):
@@ -71,13 +74,17 @@ class ModelCard:
 
     def task(self, name: str) -> ExportedTask:
         if name not in self.tasks:
-            raise ExportError(f"this model has no task {name!r}; it has {', '.join(sorted(self.tasks))} "
-                              "(fix: pass one of them as the task)")
+            raise ExportError(
+                f"this model has no task {name!r}; it has {', '.join(sorted(self.tasks))} "
+                "(fix: pass one of them as the task)"
+            )
         return self.tasks[name]
 
     def describe(self) -> str:
-        return (f"The {self.algorithm} model of silo {self.silo} after {self.rounds} rounds of federation "
-                f"{self.federation}: " + "; ".join(t.describe() for t in self.tasks.values()) + ".")
+        return (
+            f"The {self.algorithm} model of silo {self.silo} after {self.rounds} rounds of federation "
+            f"{self.federation}: " + "; ".join(t.describe() for t in self.tasks.values()) + "."
+        )
 
     def to_json(self) -> dict[str, Any]:
         example = next(iter(self.tasks))
@@ -85,15 +92,27 @@ class ModelCard:
             "format": FORMAT,
             "description": self.describe(),
             "silo": self.silo,
-            "federation": {"name": self.federation, "id": self.federation_id, "algorithm": self.algorithm,
-                           "rounds": self.rounds, "seed": self.seed},
+            "federation": {
+                "name": self.federation,
+                "id": self.federation_id,
+                "algorithm": self.algorithm,
+                "rounds": self.rounds,
+                "seed": self.seed,
+            },
             "exported": self.exported,
             "base_model": {"spec": to_mapping(self.model), "fingerprint": self.fingerprint},
             "plan": plan_to_json(self.plan),
-            "tasks": {name: {"kind": t.kind, "modalities": list(t.modalities),
-                             "labels": None if t.labels is None else list(t.labels),
-                             "silo_labels": None if t.silo_labels is None else list(t.silo_labels),
-                             "inputs": t.inputs, "test_metrics": t.metrics} for name, t in self.tasks.items()},
+            "tasks": {
+                name: {
+                    "kind": t.kind,
+                    "modalities": list(t.modalities),
+                    "labels": None if t.labels is None else list(t.labels),
+                    "silo_labels": None if t.silo_labels is None else list(t.silo_labels),
+                    "inputs": t.inputs,
+                    "test_metrics": t.metrics,
+                }
+                for name, t in self.tasks.items()
+            },
             "evaluation": {"batch_size": self.batch_size, "threads": self.threads, "amp": self.amp},
             "files": {"weights": WEIGHTS, "tokenizer": TOKENIZER_DIR + "/"},
             "usage": [
@@ -107,46 +126,67 @@ class ModelCard:
     def from_json(cls, data: dict[str, Any], where: str) -> "ModelCard":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else None
-            raise ExportError(f"{where} is not a TAP model export (format {found!r}, expected {FORMAT!r}) "
-                              "(fix: make one with tap-client export --state DIR --out MODEL_DIR)")
+            raise ExportError(
+                f"{where} is not a TAP model export (format {found!r}, expected {FORMAT!r}) "
+                "(fix: make one with tap-client export --state DIR --out MODEL_DIR)"
+            )
         try:
             federation, base, evaluation = data["federation"], data["base_model"], data["evaluation"]
             model = from_mapping(ModelSpec, base["spec"], f"{where} base_model.spec")
             validate_model(model, f"{where} base_model.spec")
             tasks = {
                 str(name): ExportedTask(
-                    name=str(name), kind=str(t["kind"]), modalities=tuple(t["modalities"]),
+                    name=str(name),
+                    kind=str(t["kind"]),
+                    modalities=tuple(t["modalities"]),
                     labels=None if t.get("labels") is None else tuple(t["labels"]),
                     silo_labels=None if t.get("silo_labels") is None else tuple(t["silo_labels"]),
                     inputs={str(k): str(v) for k, v in (t.get("inputs") or {}).items()},
-                    metrics={str(k): float(v) for k, v in (t.get("test_metrics") or {}).items()})
+                    metrics={str(k): float(v) for k, v in (t.get("test_metrics") or {}).items()},
+                )
                 for name, t in data["tasks"].items()
             }
-            return cls(silo=str(data["silo"]), federation=str(federation["name"]), federation_id=str(federation["id"]),
-                       algorithm=str(federation["algorithm"]), rounds=int(federation["rounds"]),
-                       seed=int(federation["seed"]), model=model, fingerprint=str(base["fingerprint"]),
-                       plan=plan_from_json(data["plan"]), tasks=tasks, batch_size=int(evaluation["batch_size"]),
-                       threads=int(evaluation["threads"]), amp=bool(evaluation["amp"]),
-                       exported=dict(data.get("exported") or {}))
+            return cls(
+                silo=str(data["silo"]),
+                federation=str(federation["name"]),
+                federation_id=str(federation["id"]),
+                algorithm=str(federation["algorithm"]),
+                rounds=int(federation["rounds"]),
+                seed=int(federation["seed"]),
+                model=model,
+                fingerprint=str(base["fingerprint"]),
+                plan=plan_from_json(data["plan"]),
+                tasks=tasks,
+                batch_size=int(evaluation["batch_size"]),
+                threads=int(evaluation["threads"]),
+                amp=bool(evaluation["amp"]),
+                exported=dict(data.get("exported") or {}),
+            )
         except ConfigError as exc:
             raise ExportError(f"{where}: {exc}") from exc
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ExportError(f"{where} is damaged or incomplete ({type(exc).__name__}: {exc}) "
-                              "(fix: export the model again with tap-client export)") from exc
+            raise ExportError(
+                f"{where} is damaged or incomplete ({type(exc).__name__}: {exc}) "
+                "(fix: export the model again with tap-client export)"
+            ) from exc
 
 
 def read_card(model_dir: Path) -> ModelCard:
     """The card of an exported model directory, validated."""
     path = Path(model_dir) / MODEL_JSON
     if not path.is_file():
-        raise ExportError(f"{model_dir} has no {MODEL_JSON}: it is not an exported TAP model "
-                          "(fix: make one with tap-client export --state DIR --out MODEL_DIR)")
+        raise ExportError(
+            f"{model_dir} has no {MODEL_JSON}: it is not an exported TAP model "
+            "(fix: make one with tap-client export --state DIR --out MODEL_DIR)"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"cannot read {path}: {exc}") from exc
     card = ModelCard.from_json(data, str(path))
     if set(card.tasks) != {t.name for t in card.plan.tasks}:
-        raise ExportError(f"{path}: its tasks {sorted(card.tasks)} differ from its plan's "
-                          f"{sorted(t.name for t in card.plan.tasks)} (fix: export the model again)")
+        raise ExportError(
+            f"{path}: its tasks {sorted(card.tasks)} differ from its plan's "
+            f"{sorted(t.name for t in card.plan.tasks)} (fix: export the model again)"
+        )
     return card

@@ -55,7 +55,7 @@ def check_label_spaces(declarations: Iterable[SiloDeclaration]) -> None:
         if name in explicit:
             continue
         for i, (silo_a, labels_a) in enumerate(holders):
-            for silo_b, labels_b in holders[i + 1:]:
+            for silo_b, labels_b in holders[i + 1 :]:
                 if not labels_a & labels_b:
                     raise ConfigError(
                         f"task {name}",
@@ -89,10 +89,16 @@ def united_tasks(declarations: Iterable[SiloDeclaration], complete: bool = True)
             labels = task.labels or tuple(sorted(seen[name], key=natural_key))
             unknown = seen[name] - set(labels)
             if unknown:
-                raise ConfigError(f"task {name}.labels", f"label {sorted(unknown)[0]!r} occurs in a silo's data but not in the declared list",
-                                  "add it to labels: or remove those examples")
+                raise ConfigError(
+                    f"task {name}.labels",
+                    f"label {sorted(unknown)[0]!r} occurs in a silo's data but not in the declared list",
+                    "add it to labels: or remove those examples",
+                )
             if complete and len(labels) < 2:
-                raise ConfigError(f"task {name}", f"classification needs at least 2 labels across the federation, found {list(labels)}")
+                raise ConfigError(
+                    f"task {name}",
+                    f"classification needs at least 2 labels across the federation, found {list(labels)}",
+                )
             task = dataclasses.replace(task, labels=tuple(labels))
         result[name] = dataclasses.replace(task, data={})
     return result
@@ -106,7 +112,9 @@ def incomplete_tasks(declarations: Iterable[SiloDeclaration]) -> dict[str, list[
     declarations = list(declarations)
     tasks = united_tasks(declarations, complete=False)
     short = {name for name, task in tasks.items() if task.kind == "classification" and len(task.labels or ()) < 2}
-    return {name: sorted(d.silo for d in declarations if any(t.name == name for t in d.tasks)) for name in sorted(short)}
+    return {
+        name: sorted(d.silo for d in declarations if any(t.name == name for t in d.tasks)) for name in sorted(short)
+    }
 
 
 def plan_json_bytes(plan: ModelPlan) -> int:
@@ -119,8 +127,11 @@ def silo_plan(declaration: SiloDeclaration, tasks: dict[str, TaskSpec], fusion_l
     own = []
     for task in declaration.tasks:
         if task.name not in tasks:
-            raise ConfigError(f"silo {declaration.silo} task {task.name}", "is not part of this federation's plan",
-                              "the plan is fixed once the first round starts; restart the federation to add tasks")
+            raise ConfigError(
+                f"silo {declaration.silo} task {task.name}",
+                "is not part of this federation's plan",
+                "the plan is fixed once the first round starts; restart the federation to add tasks",
+            )
         united = tasks[task.name]
         # the silo keeps its own domain tag (same head, its own domain adapters) and its own overrides
         own.append(dataclasses.replace(united, domain=task.domain, margin=task.margin, kd_weight=task.kd_weight))

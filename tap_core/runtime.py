@@ -63,7 +63,9 @@ def load_silo_data(silo: SiloSpec, config: FederationConfig, where: str) -> dict
 
     image_size = build_backbone(config.model).image_size
     return {
-        task.name: load_task_data(task, image_size, config.train.val_fraction, f"{where} silo {silo.id} task {task.name}")
+        task.name: load_task_data(
+            task, image_size, config.train.val_fraction, f"{where} silo {silo.id} task {task.name}"
+        )
         for task in silo.tasks
     }
 

@@ -36,7 +36,9 @@ def builtin_scenario_path(name: str) -> Path:
 
 def read_yaml(path: Path) -> Any:
     if not path.is_file():
-        raise ConfigError(str(path), "file not found", "check the path (relative paths resolve against the current directory)")
+        raise ConfigError(
+            str(path), "file not found", "check the path (relative paths resolve against the current directory)"
+        )
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -48,8 +50,11 @@ def resolve_scenario_path(name_or_path: str) -> Path:
         return builtin_scenario_path(name_or_path)
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml") and not path.exists():
-        raise ConfigError(name_or_path, "is neither a built-in scenario nor a file",
-                          f"use one of {', '.join(BUILTIN_SCENARIOS)} or a path to a .yaml file")
+        raise ConfigError(
+            name_or_path,
+            "is neither a built-in scenario nor a file",
+            f"use one of {', '.join(BUILTIN_SCENARIOS)} or a path to a .yaml file",
+        )
     return path
 
 
@@ -144,8 +149,11 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
         raise ConfigError(source, "a scenario must be a YAML mapping with name, model and silos")
     unknown = set(raw) - {"name", "description", "model", "train", "rounds", "study", "silos"}
     if unknown:
-        raise ConfigError(f"{source}: {sorted(unknown)[0]}", "unknown key",
-                          "a scenario has name, description, model, train, rounds, study and silos")
+        raise ConfigError(
+            f"{source}: {sorted(unknown)[0]}",
+            "unknown key",
+            "a scenario has name, description, model, train, rounds, study and silos",
+        )
     rounds = raw.get("rounds", 3)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"{source}: rounds", f"must be a whole number >= 1, got {rounds!r}")
@@ -159,8 +167,10 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
         for key in ("rounds", "local_steps", "batch_size", "stage2_steps"):
             value = getattr(study, key)
             if value < (0 if key == "stage2_steps" else 1):
-                raise ConfigError(f"{source}: study.{key}", f"must be a whole number >= {0 if key == 'stage2_steps' else 1}"
-                                                            f", got {value!r}")
+                raise ConfigError(
+                    f"{source}: study.{key}",
+                    f"must be a whole number >= {0 if key == 'stage2_steps' else 1}, got {value!r}",
+                )
     silos_raw = raw.get("silos")
     if not isinstance(silos_raw, list) or not silos_raw:
         raise ConfigError(f"{source}: silos", "needs a non-empty list of silos")
@@ -184,7 +194,9 @@ def parse_scenario(raw: Any, source: str, base_dir: Path) -> Scenario:
 def load_scenario(name_or_path: str) -> Scenario:
     path = resolve_scenario_path(name_or_path)
     raw = read_yaml(path)
-    return parse_scenario(raw, str(path) if name_or_path not in BUILTIN_SCENARIOS else f"{name_or_path}.yaml", path.parent)
+    return parse_scenario(
+        raw, str(path) if name_or_path not in BUILTIN_SCENARIOS else f"{name_or_path}.yaml", path.parent
+    )
 
 
 def load_silo_config(path: Path) -> tuple[SiloSpec, dict[str, Any]]:

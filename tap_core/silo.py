@@ -73,7 +73,9 @@ class SiloRuntime:
         self.data = data
         self.config = config
         self.device = device
-        self.backbone = backbone_on(config.model, device, frozen_dtype(device, config.train.amp, config.train.amp_dtype))
+        self.backbone = backbone_on(
+            config.model, device, frozen_dtype(device, config.train.amp, config.train.amp_dtype)
+        )
         self.trainer = Trainer(config.train, device)
         self.state = SiloState()
         self.plan: ModelPlan | None = None
@@ -111,8 +113,11 @@ class SiloRuntime:
             for task in plan.tasks
         }
         self.own_labels = silo_label_subsets(self.silo.tasks, self.data, plan.tasks)
-        self.allowed_labels = {task.name: allowed_outputs(task.labels or (), self.own_labels[task.name])
-                               for task in plan.tasks if task.kind == "classification"}
+        self.allowed_labels = {
+            task.name: allowed_outputs(task.labels or (), self.own_labels[task.name])
+            for task in plan.tasks
+            if task.kind == "classification"
+        }
         self._baselines = {}
         self._global = self._personal = None
 
@@ -150,22 +155,39 @@ class SiloRuntime:
     def schedule(self, round_index: int) -> LrSchedule:
         return warmup_schedule(self.config.train, (round_index - 1) * self.config.train.local_steps)
 
-    def train(self, model: TapModel, phase: str, round_index: int, steps: int | None = None,
-              schedule: LrSchedule | None = None, distill: Distillation | None = None, salt: str = "") -> PhaseResult:
+    def train(
+        self,
+        model: TapModel,
+        phase: str,
+        round_index: int,
+        steps: int | None = None,
+        schedule: LrSchedule | None = None,
+        distill: Distillation | None = None,
+        salt: str = "",
+    ) -> PhaseResult:
         steps = self.config.train.local_steps if steps is None else steps
         seed = derive_seed(self.config.seed, "train", self.id, round_index, phase, salt)
         result = self.trainer.train(model, self.tensors, steps, seed, schedule or self.schedule(round_index), distill)
         if phase in STAGE1_PHASES:
             self.state.steps[phase] = self.state.steps.get(phase, 0) + steps
         when = f"round {round_index}" if round_index <= self.config.rounds else "stage 2"
-        log.info("silo %s %s %s: %d steps in %.1fs, loss %s", self.id, when, phase, steps, result.seconds,
-                 {k: round(v, 4) for k, v in result.losses.items()})
+        log.info(
+            "silo %s %s %s: %d steps in %.1fs, loss %s",
+            self.id,
+            when,
+            phase,
+            steps,
+            result.seconds,
+            {k: round(v, 4) for k, v in result.losses.items()},
+        )
         return result
 
     def val_losses(self, model: TapModel, fallback: dict[str, float]) -> dict[str, float]:
         """Loss per task on its validation slice; ``fallback`` (the training loss) where a task has none."""
-        return {name: self.trainer.eval_loss(model, tensors, "val") if len(tensors.val) else fallback[name]
-                for name, tensors in self.tensors.items()}
+        return {
+            name: self.trainer.eval_loss(model, tensors, "val") if len(tensors.val) else fallback[name]
+            for name, tensors in self.tensors.items()
+        }
 
     def evaluate(self, model: TapModel, steps: int = 0) -> list[TaskResult]:
         """Every task's test metrics (classification among the silo's own labels), its trivial baseline,
@@ -174,8 +196,18 @@ class SiloRuntime:
         for name, tensors in self.tensors.items():
             metrics = self.trainer.evaluate(model, tensors, self.end_id, allowed=self.allowed_labels.get(name))
             kind = tensors.task.kind
-            results.append(TaskResult(self.id, name, kind, metrics, metrics[PRIMARY[kind]], steps=steps,
-                                      baseline=self.baseline(name), test_examples=len(tensors.test)))
+            results.append(
+                TaskResult(
+                    self.id,
+                    name,
+                    kind,
+                    metrics,
+                    metrics[PRIMARY[kind]],
+                    steps=steps,
+                    baseline=self.baseline(name),
+                    test_examples=len(tensors.test),
+                )
+            )
         return results
 
     def round_scores(self, model: TapModel) -> dict[str, float]:

@@ -151,8 +151,13 @@ def update_header(update: ClientUpdate) -> dict[str, Any]:
 
 
 def update_from(header: dict[str, Any], values: ComponentValues) -> ClientUpdate:
-    return ClientUpdate(header["silo"], int(header["round"]), values,
-                        {k: float(v) for k, v in header["weights"].items()}, RoundStats.from_json(header["stats"]))
+    return ClientUpdate(
+        header["silo"],
+        int(header["round"]),
+        values,
+        {k: float(v) for k, v in header["weights"].items()},
+        RoundStats.from_json(header["stats"]),
+    )
 
 
 class WorkerFailed(errors.TapError):
@@ -281,9 +286,19 @@ class ProcessSilos(SiloPool):
         config_json = json.dumps(to_mapping(config))
         for index, group in enumerate(self._groups):
             parent, child = context.Pipe()
-            process = context.Process(target=worker_main, name=f"tap-silo-worker-{index}", daemon=True,
-                                      args=(child, config_json, json.dumps([to_mapping(s) for s in group]), where,
-                                            logging.getLogger().getEffectiveLevel(), os.getpid()))
+            process = context.Process(
+                target=worker_main,
+                name=f"tap-silo-worker-{index}",
+                daemon=True,
+                args=(
+                    child,
+                    config_json,
+                    json.dumps([to_mapping(s) for s in group]),
+                    where,
+                    logging.getLogger().getEffectiveLevel(),
+                    os.getpid(),
+                ),
+            )
             process.start()
             child.close()
             self._conns.append(parent)

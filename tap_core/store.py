@@ -117,8 +117,11 @@ class CheckpointStore:
             atomic_write_bytes(probe, b"ok")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError(str(self.directory), f"cannot write there ({exc.strerror or exc})",
-                              "give a directory this user can write, on a volume mounted read-write with free space") from exc
+            raise ConfigError(
+                str(self.directory),
+                f"cannot write there ({exc.strerror or exc})",
+                "give a directory this user can write, on a volume mounted read-write with free space",
+            ) from exc
 
     def save(self, state: dict[str, Any], values: ComponentValues | None, tag: str) -> None:
         """Write tensors (if given) under a new file, then the JSON pointing at it."""
@@ -168,8 +171,9 @@ def json_codec(encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> di
 
 def json_each(encode: Callable[[Any], Any], decode: Callable[[Any], Any]) -> dict[str, Any]:
     """Field metadata of a ``dict[str, X]`` field: ``encode``/``decode`` applied to each value."""
-    return json_codec(lambda d: {k: encode(v) for k, v in sorted(d.items())},
-                      lambda d: {str(k): decode(v) for k, v in d.items()})
+    return json_codec(
+        lambda d: {k: encode(v) for k, v in sorted(d.items())}, lambda d: {str(k): decode(v) for k, v in d.items()}
+    )
 
 
 NOT_IN_JSON = {"json": None}  # field metadata: persisted elsewhere (tensors) or not at all

@@ -83,15 +83,21 @@ class StreamInfo:
 def stream_header(components: list[str], layout: Layout, dtype: str, info: StreamInfo) -> bytes:
     """The first frame of a stream: the header alone (what follows can then be built once and shared)."""
     payload = layout_bytes({c: layout[c] for c in components}, dtype)
-    header = pb.StreamHeader(round=info.round, components=components, dtype=DTYPE_TO_PROTO[dtype],
-                             payload_bytes=payload, stats_json=info.stats_json)
+    header = pb.StreamHeader(
+        round=info.round,
+        components=components,
+        dtype=DTYPE_TO_PROTO[dtype],
+        payload_bytes=payload,
+        stats_json=info.stats_json,
+    )
     if info.weights:
         header.weights.update({k: float(v) for k, v in info.weights.items()})
     return frame_message([header_field(header)])
 
 
-def component_frames(index: int, component: str, tensors: Mapping[str, torch.Tensor], layout: TensorLayouts,
-                     dtype: str, chunk_bytes: int) -> Iterator[bytes]:
+def component_frames(
+    index: int, component: str, tensors: Mapping[str, torch.Tensor], layout: TensorLayouts, dtype: str, chunk_bytes: int
+) -> Iterator[bytes]:
     """Serialised frames of one component (stream index ``index``): its tensors' bytes, at most ``chunk_bytes`` each.
 
     A frame never mixes components, so a server can build a component's frames once and
@@ -105,8 +111,10 @@ def component_frames(index: int, component: str, tensors: Mapping[str, torch.Ten
     for ti, (name, shape) in enumerate(layout):
         tensor = tensors[name]
         if tuple(tensor.shape) != tuple(shape):
-            raise WireError("wrong_shape", f"{component}/{name}: value of shape {tuple(tensor.shape)}, "
-                                           f"the layout says {tuple(shape)}")
+            raise WireError(
+                "wrong_shape",
+                f"{component}/{name}: value of shape {tuple(tensor.shape)}, the layout says {tuple(shape)}",
+            )
         data = tensor_to_bytes(tensor, dtype)
         crc = crc32(data)
         offset = 0
@@ -128,8 +136,9 @@ def component_frames(index: int, component: str, tensors: Mapping[str, torch.Ten
         yield frame_message(parts)
 
 
-def encode_frames(values: ComponentValues, layout: Layout, dtype: str, chunk_bytes: int,
-                  info: StreamInfo) -> Iterator[bytes]:
+def encode_frames(
+    values: ComponentValues, layout: Layout, dtype: str, chunk_bytes: int, info: StreamInfo
+) -> Iterator[bytes]:
     """Serialised frames carrying ``values`` in ``layout`` order: the header, then each component's frames."""
     components = list(layout)
     yield stream_header(components, layout, dtype, info)
@@ -137,8 +146,9 @@ def encode_frames(values: ComponentValues, layout: Layout, dtype: str, chunk_byt
         yield from component_frames(index, component, values[component], layout[component], dtype, chunk_bytes)
 
 
-def encode_stream(values: ComponentValues, layout: Layout, dtype: str, chunk_bytes: int,
-                  info: StreamInfo) -> Iterator[pb.TensorFrame]:
+def encode_stream(
+    values: ComponentValues, layout: Layout, dtype: str, chunk_bytes: int, info: StreamInfo
+) -> Iterator[pb.TensorFrame]:
     """:func:`encode_frames` as protobuf messages (tests and tools that inspect or alter frames)."""
     for message in encode_frames(values, layout, dtype, chunk_bytes, info):
         yield pb.TensorFrame.FromString(message)
@@ -253,7 +263,9 @@ class StreamDecoder:
         component = self.components[piece.component]
         layout = self.expected[component]
         if piece.tensor >= len(layout):
-            self._fail("unknown_tensor", f"component {component} has {len(layout)} tensors, piece refers to #{piece.tensor}")
+            self._fail(
+                "unknown_tensor", f"component {component} has {len(layout)} tensors, piece refers to #{piece.tensor}"
+            )
         name, shape = layout[piece.tensor]
         key = (piece.component, piece.tensor)
         if key in self._done:
@@ -263,8 +275,10 @@ class StreamDecoder:
             if piece.offset != 0:
                 self._fail("malformed", f"{component}/{name}: first piece at offset {piece.offset}")
             if piece.dtype != DTYPE_TO_PROTO[self.dtype]:
-                self._fail("wrong_dtype", f"{component}/{name}: dtype {PROTO_TO_DTYPE.get(piece.dtype, piece.dtype)}, "
-                                          f"expected {self.dtype}")
+                self._fail(
+                    "wrong_dtype",
+                    f"{component}/{name}: dtype {PROTO_TO_DTYPE.get(piece.dtype, piece.dtype)}, expected {self.dtype}",
+                )
             if tuple(piece.shape) != tuple(shape):
                 self._fail("wrong_shape", f"{component}/{name}: shape {tuple(piece.shape)}, expected {tuple(shape)}")
             nbytes = layout_bytes({component: [(name, shape)]}, self.dtype)

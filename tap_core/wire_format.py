@@ -63,12 +63,24 @@ def _key(number: int, wire_type: int) -> bytes:
 
 
 _COMPONENT, _TENSOR, _OFFSET = _key(PIECE_COMPONENT, VARINT), _key(PIECE_TENSOR, VARINT), _key(PIECE_OFFSET, VARINT)
-_DATA, _DTYPE, _SHAPE, _CRC = _key(PIECE_DATA, LEN), _key(PIECE_DTYPE, VARINT), _key(PIECE_SHAPE, LEN), _key(PIECE_CRC32, I32)
+_DATA, _DTYPE, _SHAPE, _CRC = (
+    _key(PIECE_DATA, LEN),
+    _key(PIECE_DTYPE, VARINT),
+    _key(PIECE_SHAPE, LEN),
+    _key(PIECE_CRC32, I32),
+)
 _HEADER, _PIECE = _key(FRAME_HEADER, LEN), _key(FRAME_PIECES, LEN)
 
 
-def piece_parts(component: int, tensor: int, offset: int, data: Buffer, dtype: int = 0,
-                shape: Sequence[int] | None = None, crc32: int = 0) -> list[Buffer]:
+def piece_parts(
+    component: int,
+    tensor: int,
+    offset: int,
+    data: Buffer,
+    dtype: int = 0,
+    shape: Sequence[int] | None = None,
+    crc32: int = 0,
+) -> list[Buffer]:
     """One ``TensorPiece`` as a frame field (key, length, body), ``data`` included by reference."""
     head = bytearray()
     if component:

@@ -40,8 +40,9 @@ class StreamingAggregator:
                     fold(sums[name], tensor, weight)
                 else:
                     spare = self._spare.get(component, {}).pop(name, None)
-                    sums[name] = weighted(tensor, weight, spare if spare is not None and spare.shape == tensor.shape
-                                          else None)
+                    sums[name] = weighted(
+                        tensor, weight, spare if spare is not None and spare.shape == tensor.shape else None
+                    )
             self._weights[component] = self._weights.get(component, 0.0) + weight
             self.contributors[component] = self.contributors.get(component, 0) + 1
 
@@ -63,12 +64,15 @@ class StreamingAggregator:
                 out[component] = tensors
                 continue
             sums = self._sums[component]
-            out[component] = {name: mean(sums[name], total) if name in sums else value for name, value in tensors.items()}
+            out[component] = {
+                name: mean(sums[name], total) if name in sums else value for name, value in tensors.items()
+            }
         return out
 
 
-def capped_weights(declared: Mapping[str, Mapping[str, float]],
-                   max_share: float | None) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
+def capped_weights(
+    declared: Mapping[str, Mapping[str, float]], max_share: float | None
+) -> tuple[dict[str, dict[str, float]], dict[str, list[str]]]:
     """Per silo and component, the weight it aggregates with: at most ``max_share`` of the component's total.
 
     ``declared``: silo -> component -> weight from its declaration. For each component the largest weights
@@ -165,6 +169,11 @@ def squared_distance(tensor: torch.Tensor, base: torch.Tensor | None = None) -> 
 def mean(total: torch.Tensor, weight: float) -> torch.Tensor:
     """float32(total / weight), a new float32 tensor."""
     out = torch.empty(total.shape, dtype=torch.float32)
-    np.divide(total.numpy().reshape(-1), np.float64(weight), out=out.numpy().reshape(-1), dtype=np.float64,
-              casting="same_kind")
+    np.divide(
+        total.numpy().reshape(-1),
+        np.float64(weight),
+        out=out.numpy().reshape(-1),
+        dtype=np.float64,
+        casting="same_kind",
+    )
     return out

@@ -67,18 +67,24 @@ class SiloAuthenticator:
         previous = (entry or {}).get("previous") or {}
         if previous.get("sha256") == fingerprint:
             if self.retired.contains(fingerprint):
-                raise Rejected("retired_certificate",
-                               f"this certificate of silo {silo} was replaced by a rotated one that is now in use; "
-                               "run the agent with the new kit the operator handed over")
+                raise Rejected(
+                    "retired_certificate",
+                    f"this certificate of silo {silo} was replaced by a rotated one that is now in use; "
+                    "run the agent with the new kit the operator handed over",
+                )
             return silo  # rotated, but the new certificate has not been used yet
         if entry is None:
-            raise Rejected("not_provisioned",
-                           f"silo {silo!r} is not provisioned in this federation; ask the operator to run "
-                           f"`tap-server provision --add-silo {silo}` and use the kit it writes")
+            raise Rejected(
+                "not_provisioned",
+                f"silo {silo!r} is not provisioned in this federation; ask the operator to run "
+                f"`tap-server provision --add-silo {silo}` and use the kit it writes",
+            )
         if entry.get("sha256") != fingerprint:
-            raise Rejected("unknown_certificate",
-                           f"this certificate for silo {silo} is not the one provisioned (SHA-256 {fingerprint[:16]}…); "
-                           "use the kit the operator handed over")
+            raise Rejected(
+                "unknown_certificate",
+                f"this certificate for silo {silo} is not the one provisioned (SHA-256 {fingerprint[:16]}…); "
+                "use the kit the operator handed over",
+            )
         if previous.get("sha256") and not self.retired.contains(previous["sha256"]):
             self.retired.add(previous["sha256"], silo)
             log.info("silo %s uses its rotated certificate: the previous one is no longer accepted", silo)

@@ -69,8 +69,11 @@ def load_material(kit: Path) -> TLSMaterial:
     for name in KIT_FILES:
         path = kit / name
         if not path.is_file():
-            raise ConfigError(str(path), "not found",
-                              f"--kit must be the server folder written by `tap-server provision` (it holds {name})")
+            raise ConfigError(
+                str(path),
+                "not found",
+                f"--kit must be the server folder written by `tap-server provision` (it holds {name})",
+            )
         data[name] = path.read_bytes()
     try:
         cert = x509.load_pem_x509_certificate(data["server.crt"])
@@ -82,12 +85,19 @@ def load_material(kit: Path) -> TLSMaterial:
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(kit / "server.key"), f"unreadable private key: {exc}") from exc
     if _public_der(key.public_key()) != _public_der(cert.public_key()):
-        raise ConfigError(str(kit / "server.key"), "does not belong to server.crt",
-                          "replace both together (tap-server rotate --server writes a matching pair)")
+        raise ConfigError(
+            str(kit / "server.key"),
+            "does not belong to server.crt",
+            "replace both together (tap-server rotate --server writes a matching pair)",
+        )
     if not any(_issued_by(cert, ca) for ca in cas):
         # ca.crt only verifies silos; silos verify the server with their own ca.crt. Worth a word, not a refusal.
-        log.warning("%s is not signed by a CA in %s: silos of that CA are accepted, but only silos that trust the "
-                    "server certificate's issuer can connect", kit / "server.crt", kit / "ca.crt")
+        log.warning(
+            "%s is not signed by a CA in %s: silos of that CA are accepted, but only silos that trust the "
+            "server certificate's issuer can connect",
+            kit / "server.crt",
+            kit / "ca.crt",
+        )
     return TLSMaterial(data["server.crt"], data["server.key"], data["ca.crt"], cert, cas)
 
 
@@ -135,13 +145,19 @@ class ServerTLS:
                 material = load_material(self.kit)
             except ConfigError as exc:  # e.g. the key written but not the certificate yet: keep what works
                 self._refused = signature
-                log.warning("server TLS files changed but are not usable (%s); still serving the previous certificate", exc)
+                log.warning(
+                    "server TLS files changed but are not usable (%s); still serving the previous certificate", exc
+                )
                 return False
             old = self.material.cert
             self.material, self._signature, self._refused = material, signature, None
             self._version += 1
-        log.info("server TLS material reloaded: certificate serial %x -> %x, valid until %s", old.serial_number,
-                 material.cert.serial_number, material.cert.not_valid_after_utc.isoformat())
+        log.info(
+            "server TLS material reloaded: certificate serial %x -> %x, valid until %s",
+            old.serial_number,
+            material.cert.serial_number,
+            material.cert.not_valid_after_utc.isoformat(),
+        )
         return True
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -158,8 +174,9 @@ class ServerTLS:
             return None
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self.material.grpc_config(), self._fetch,
-                                                   require_client_authentication=True)
+        return grpc.dynamic_ssl_server_credentials(
+            self.material.grpc_config(), self._fetch, require_client_authentication=True
+        )
 
     def expiries(self) -> Iterator[tuple[str, str, dt.datetime]]:
         """(certificate, silo, not_after) of the server certificate in use and of each CA certificate."""

@@ -103,47 +103,71 @@ class ServerDaemon:
         if opts.health_port is not None:
             plain = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[NO_PORT_SHARING])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, plain)
-            self.health_port = _bind(lambda: plain.add_insecure_port(f"{host}:{opts.health_port}"),
-                                     f"--health-port {opts.health_port}")
+            self.health_port = _bind(
+                lambda: plain.add_insecure_port(f"{host}:{opts.health_port}"), f"--health-port {opts.health_port}"
+            )
             plain.start()
             self._servers.append(plain)
         if opts.metrics_port is not None:
             try:
                 self._http, _ = start_http_server(opts.metrics_port, addr=host, registry=self.metrics.registry)
             except OSError as exc:
-                raise ConfigError(f"--metrics-port {opts.metrics_port}", f"could not bind: {exc}",
-                                  "is another process using the port?") from exc
+                raise ConfigError(
+                    f"--metrics-port {opts.metrics_port}",
+                    f"could not bind: {exc}",
+                    "is another process using the port?",
+                ) from exc
             self.metrics_port = self._http.server_port
-        self.federation = Federation(self.config, state_dir=opts.state_dir, metrics=self.metrics,
-                                     expected_silos=len(self.auth.provisioned))
+        self.federation = Federation(
+            self.config, state_dir=opts.state_dir, metrics=self.metrics, expected_silos=len(self.auth.provisioned)
+        )
         # every provisioned silo may use all of its own call limits at once (tap_server.limits)
         capacity = server_capacity(self.config, len(self.auth.provisioned), opts.max_workers)
         self._executor = futures.ThreadPoolExecutor(max_workers=capacity.workers)
-        server = grpc.server(self._executor,
-                             options=capacity.options + [NO_PORT_SHARING],
-                             interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
-                             maximum_concurrent_rpcs=capacity.max_concurrent_rpcs)
+        server = grpc.server(
+            self._executor,
+            options=capacity.options + [NO_PORT_SHARING],
+            interceptors=[SafeRequests(self.config.wire.max_message_bytes)],
+            maximum_concurrent_rpcs=capacity.max_concurrent_rpcs,
+        )
         servicer = self.servicer = FederationServicer(self.config, self.federation, self.auth, self.metrics)
         add_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._servers.append(server)
-        self.port = _bind(lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}")
+        self.port = _bind(
+            lambda: server.add_secure_port(f"{host}:{port}", self._credentials), f"--listen {opts.listen}"
+        )
         server.start()
         if opts.health_port is not None and opts.liveness_interval_s:
             self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-            self._liveness = MtlsSelfCheck(dial_address(host, self.port), self.tls, SERVICE_NAME, self._set_liveness,
-                                           opts.liveness_interval_s, opts.liveness_timeout_s).start()
+            self._liveness = MtlsSelfCheck(
+                dial_address(host, self.port),
+                self.tls,
+                SERVICE_NAME,
+                self._set_liveness,
+                opts.liveness_interval_s,
+                opts.liveness_timeout_s,
+            ).start()
         else:
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._clock, name="tap-clock", daemon=True).start()
-        log.info("serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s", host, self.port,
-                 self.health_port or "-", self.metrics_port or "-", opts.state_dir, self.federation.status().phase)
+        log.info(
+            "serving on %s:%d (mTLS), health :%s, metrics :%s, state %s, phase %s",
+            host,
+            self.port,
+            self.health_port or "-",
+            self.metrics_port or "-",
+            opts.state_dir,
+            self.federation.status().phase,
+        )
         return self
 
     def _set_liveness(self, alive: bool) -> None:
         if not self.stop_event.is_set():
-            self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING if alive
-                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(
+                LIVENESS_SERVICE,
+                health_pb2.HealthCheckResponse.SERVING if alive else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
 
     def reload_kit(self) -> None:
         """SIGHUP: re-read silos.json and the TLS files now (both are also re-read when they change)."""
@@ -186,6 +210,7 @@ class ServerDaemon:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         if hasattr(signal, "SIGHUP"):
+
             def reload(signum, frame):
                 self.reload_kit()
 

@@ -37,8 +37,15 @@ from tap_core.wire import StreamInfo, TensorLayouts, component_frames, stream_he
 class ComponentFrames:
     """One component's frames for one set of tensor values, at one stream index."""
 
-    def __init__(self, index: int, component: str, tensors: dict[str, torch.Tensor], layout: TensorLayouts,
-                 dtype: str, chunk_bytes: int):
+    def __init__(
+        self,
+        index: int,
+        component: str,
+        tensors: dict[str, torch.Tensor],
+        layout: TensorLayouts,
+        dtype: str,
+        chunk_bytes: int,
+    ):
         self.index = index
         self.layout = tuple(layout)
         self._sources = tuple(weakref.ref(tensors[name]) for name, _ in layout)
@@ -49,8 +56,9 @@ class ComponentFrames:
 
     def built_from(self, tensors: dict[str, torch.Tensor], layout: TensorLayouts) -> bool:
         """Whether these frames carry exactly ``tensors`` (the same objects) in ``layout``."""
-        return tuple(layout) == self.layout and all(ref() is tensors.get(name)
-                                                    for ref, (name, _) in zip(self._sources, layout))
+        return tuple(layout) == self.layout and all(
+            ref() is tensors.get(name) for ref, (name, _) in zip(self._sources, layout)
+        )
 
     @property
     def alive(self) -> bool:
@@ -121,13 +129,15 @@ class DownloadFrames:
             slots[next(free)] = name
         return [name for name in slots if name is not None]
 
-    def _source(self, index: int, component: str, tensors: dict[str, torch.Tensor],
-                layout: TensorLayouts) -> Iterable[bytes]:
+    def _source(
+        self, index: int, component: str, tensors: dict[str, torch.Tensor], layout: TensorLayouts
+    ) -> Iterable[bytes]:
         """The component's cached frames; built now if its values changed; this stream's own if its index differs."""
         entry = self._entries.get(component)
         if entry is None or not entry.built_from(tensors, layout):
-            entry = self._entries[component] = ComponentFrames(index, component, tensors, layout, self.dtype,
-                                                               self.chunk_bytes)
+            entry = self._entries[component] = ComponentFrames(
+                index, component, tensors, layout, self.dtype, self.chunk_bytes
+            )
             self.builds += 1
         if entry.index != index:
             return component_frames(index, component, tensors, layout, self.dtype, self.chunk_bytes)

@@ -29,7 +29,14 @@ from tap_core.layout import Layout, layout_bytes, select
 from tap_core.messages import NOT_JOINED, ClientUpdate, RoundStats, SiloDeclaration, SiloResult
 from tap_core.model import build_backbone
 from tap_core.model.tap_model import ComponentValues, ModelPlan, TapModel
-from tap_core.plan import check_label_spaces, component_weights, incomplete_tasks, plan_json_bytes, silo_plan, union_plan
+from tap_core.plan import (
+    check_label_spaces,
+    component_weights,
+    incomplete_tasks,
+    plan_json_bytes,
+    silo_plan,
+    union_plan,
+)
 from tap_core.plan import united_tasks
 from tap_core.scenario import check_shared_tasks
 from tap_core.seeding import derive_seed
@@ -117,13 +124,17 @@ class Federation:
             known = s.declarations.get(decl.silo)
             if s.plan is not None:
                 if known is None:
-                    raise Rejected("federation_started",
-                                   f"silo {decl.silo} joins after the federation started; its plan is fixed. "
-                                   "Raise expected_silos (or join before the join deadline) and restart the federation")
+                    raise Rejected(
+                        "federation_started",
+                        f"silo {decl.silo} joins after the federation started; its plan is fixed. "
+                        "Raise expected_silos (or join before the join deadline) and restart the federation",
+                    )
                 if _comparable(known) != _comparable(decl):
-                    raise Rejected("declaration_changed",
-                                   f"silo {decl.silo} declares other tasks, sample counts or labels than when it joined; "
-                                   "the federation's plan is fixed: restore the silo's data and config")
+                    raise Rejected(
+                        "declaration_changed",
+                        f"silo {decl.silo} declares other tasks, sample counts or labels than when it joined; "
+                        "the federation's plan is fixed: restore the silo's data and config",
+                    )
             else:
                 refused = self._refused_at_start.get(decl.silo)
                 if refused is not None and refused[0] == _comparable(decl):
@@ -154,18 +165,24 @@ class Federation:
         for name in sorted(own):
             labels = tasks[name].labels or ()
             if len(labels) > limits.max_labels_per_task:
-                raise Rejected("tasks_conflict", f"task {name} would have {len(labels)} labels across the federation with "
-                                                 f"silo {decl.silo}'s, at most {limits.max_labels_per_task} "
-                                                 "(limits.max_labels_per_task)")
+                raise Rejected(
+                    "tasks_conflict",
+                    f"task {name} would have {len(labels)} labels across the federation with "
+                    f"silo {decl.silo}'s, at most {limits.max_labels_per_task} "
+                    "(limits.max_labels_per_task)",
+                )
         budget = plan_bytes_limit(self._config)
         fusion = self._config.model.fusion_layers
         for other in everyone:  # the plans this join changes: the silo's own and those of silos sharing a task
             if other is decl or own & {t.name for t in other.tasks}:
                 size = plan_json_bytes(silo_plan(other, tasks, fusion))
                 if size > budget:
-                    raise Rejected("oversize", f"with silo {decl.silo}'s declaration the plan of silo {other.silo} would "
-                                               f"take {size} bytes, at most {budget} (limits.max_plan_bytes; the labels "
-                                               "of its tasks make most of it)")
+                    raise Rejected(
+                        "oversize",
+                        f"with silo {decl.silo}'s declaration the plan of silo {other.silo} would "
+                        f"take {size} bytes, at most {budget} (limits.max_plan_bytes; the labels "
+                        "of its tasks make most of it)",
+                    )
 
     def _start_if_complete(self, joiner: str | None) -> bool:
         """Start, unless a classification task has fewer than two labels: then its holders are refused.
@@ -181,10 +198,15 @@ class Federation:
             self._start()
             return True
         holders = sorted({silo for silos in incomplete.values() for silo in silos})
-        problems = "; ".join(f"task {name} has {len(united_tasks(decls, complete=False)[name].labels or ())} label(s) "
-                             f"across silos {', '.join(silos)}" for name, silos in incomplete.items())
-        message = (f"the federation cannot start with these declarations: {problems}; a classification task needs at "
-                   "least 2 labels across the federation (declare its labels: list, or add examples of a second label)")
+        problems = "; ".join(
+            f"task {name} has {len(united_tasks(decls, complete=False)[name].labels or ())} label(s) "
+            f"across silos {', '.join(silos)}"
+            for name, silos in incomplete.items()
+        )
+        message = (
+            f"the federation cannot start with these declarations: {problems}; a classification task needs at "
+            "least 2 labels across the federation (declare its labels: list, or add examples of a second label)"
+        )
         refused = [joiner] if joiner in holders else holders
         for silo in refused:
             self._refused_at_start[silo] = (_comparable(s.declarations.pop(silo)), message)
@@ -192,7 +214,9 @@ class Federation:
         self._persist(with_values=False)
         if joiner in refused:
             raise Rejected("tasks_conflict", f"silo {joiner}: {message}")
-        log.warning("start refused to silos %s (their agents are told at their next join): %s", ", ".join(refused), message)
+        log.warning(
+            "start refused to silos %s (their agents are told at their next join): %s", ", ".join(refused), message
+        )
         return False
 
     def touch(self, silo: str) -> Status:
@@ -261,14 +285,22 @@ class Federation:
         key = (s.round, s.attempt)
         if self._weights[0] == key:
             return self._weights[1]
-        declared = {silo: component_weights(s.silo_plans[silo], s.declarations[silo].train_samples,
-                                            list(self._travelling(silo)))
-                    for silo in s.selected}
+        declared = {
+            silo: component_weights(
+                s.silo_plans[silo], s.declarations[silo].train_samples, list(self._travelling(silo))
+            )
+            for silo in s.selected
+        }
         weights, capped = capped_weights(declared, self._config.aggregation.max_weight_share)
         for silo, components in sorted(capped.items()):
-            log.warning("round %d: aggregation weight of silo %s capped at a %.3g share on %d component(s) "
-                        "(aggregation.max_weight_share)", s.round, silo, self._config.aggregation.max_weight_share,
-                        len(components))
+            log.warning(
+                "round %d: aggregation weight of silo %s capped at a %.3g share on %d component(s) "
+                "(aggregation.max_weight_share)",
+                s.round,
+                silo,
+                self._config.aggregation.max_weight_share,
+                len(components),
+            )
             self._metrics.weights_capped.inc()
         self._weights = (key, weights)
         return weights
@@ -309,8 +341,10 @@ class Federation:
                 raise Rejected("unavailable", self._unsaved)
             current = self.assignment(silo)
             if current.action not in ("train", "finish") or current.round != round_index:
-                raise Rejected("future_round" if round_index > self._state.round else "stale_round",
-                               f"silo {silo} asked for round {round_index}; its assignment is {current.action} {current.round}")
+                raise Rejected(
+                    "future_round" if round_index > self._state.round else "stale_round",
+                    f"silo {silo} asked for round {round_index}; its assignment is {current.action} {current.round}",
+                )
             direction = "down" if current.action == "train" else "final"
             values = {c: self._state.global_values[c] for c in current.layout}
             self._state.log.count_payload(silo, round_index, direction, values, self._config.wire.dtype)
@@ -322,8 +356,10 @@ class Federation:
             self._touch(silo)
             s = self._state
             if s.phase != TRAINING or round_index != s.round:
-                raise Rejected("stale_round" if round_index <= s.round else "future_round",
-                               f"upload for round {round_index}, but the federation is in {s.phase} round {s.round}")
+                raise Rejected(
+                    "stale_round" if round_index <= s.round else "future_round",
+                    f"upload for round {round_index}, but the federation is in {s.phase} round {s.round}",
+                )
             if silo not in s.selected:
                 raise Rejected("not_selected", f"silo {silo} is not selected in round {s.round}")
             if silo in self._received:
@@ -342,8 +378,12 @@ class Federation:
                 check_stats(update.stats, {t.name for t in plan.tasks}, set(plan.components))
                 if self._global_norms[0] != s.round:
                     self._global_norms = (s.round, {})
-                check_update_norm(update.values, s.global_values, self._config.aggregation.max_update_norm_ratio,
-                                  self._global_norms[1])
+                check_update_norm(
+                    update.values,
+                    s.global_values,
+                    self._config.aggregation.max_update_norm_ratio,
+                    self._global_norms[1],
+                )
             except Rejected as exc:
                 self._refuse_update(update.silo, exc)
                 raise
@@ -365,8 +405,12 @@ class Federation:
         """
         s = self._state
         self._refused[silo] = refusal.reason
-        log.warning("round %d: silo %s is out of the round (%s); the round no longer waits for it", s.round, silo,
-                    refusal.reason)
+        log.warning(
+            "round %d: silo %s is out of the round (%s); the round no longer waits for it",
+            s.round,
+            silo,
+            refusal.reason,
+        )
         self._close_if_complete()
         self._changed.notify_all()
 
@@ -378,8 +422,13 @@ class Federation:
         if self._refused and len(self._received) < self._config.min_clients:
             return  # too few updates: the round deadline retries it
         if self._refused:
-            log.warning("round %d: closing with %d of %d updates (refused: %s)", s.round, len(self._received),
-                        len(s.selected), ", ".join(f"{silo} ({why})" for silo, why in sorted(self._refused.items())))
+            log.warning(
+                "round %d: closing with %d of %d updates (refused: %s)",
+                s.round,
+                len(self._received),
+                len(s.selected),
+                ", ".join(f"{silo} ({why})" for silo, why in sorted(self._refused.items())),
+            )
         self._close_round()
 
     def _close_round(self) -> None:
@@ -389,12 +438,17 @@ class Federation:
         s.global_values = self._aggregator.result(s.global_values)
         self._global_norms = (-1, {})
         seconds = time.perf_counter() - started
-        record = s.log.close_round(s.round, s.selected, self._received, self._clock() - self._round_started, seconds,
-                                  refused=self._refused)
+        record = s.log.close_round(
+            s.round, s.selected, self._received, self._clock() - self._round_started, seconds, refused=self._refused
+        )
         self._metrics.round_closed(record, seconds)
         s.attempt = 0
-        log.info("round %d aggregated in %.3fs (losses %s)", s.round, seconds,
-                 {t: round(v, 4) for t, v in record["task_losses"].items()})
+        log.info(
+            "round %d aggregated in %.3fs (losses %s)",
+            s.round,
+            seconds,
+            {t: round(v, 4) for t, v in record["task_losses"].items()},
+        )
         if s.round >= self._config.rounds:
             s.phase = FINISHING
             self._deadline = self._clock() + self._config.deadlines.finish_s
@@ -449,7 +503,9 @@ class Federation:
             self._withdrawn = silos
             if not new:
                 return
-            log.warning("silos %s are no longer provisioned: the federation stops waiting for them", ", ".join(sorted(new)))
+            log.warning(
+                "silos %s are no longer provisioned: the federation stops waiting for them", ", ".join(sorted(new))
+            )
             if s.phase == WAITING:
                 for silo in new:
                     del s.declarations[silo]
@@ -492,14 +548,22 @@ class Federation:
                     while len(s.declarations) >= self._config.min_clients and not self._start_if_complete(joiner=None):
                         pass
                 elif s.phase == TRAINING and len(self._received) >= self._config.min_clients:
-                    log.warning("round %d deadline: closing with %d of %d updates (none from %s)", s.round,
-                                len(self._received), len(s.selected),
-                                ", ".join(sorted(set(s.selected) - set(self._received))))
+                    log.warning(
+                        "round %d deadline: closing with %d of %d updates (none from %s)",
+                        s.round,
+                        len(self._received),
+                        len(s.selected),
+                        ", ".join(sorted(set(s.selected) - set(self._received))),
+                    )
                     self._close_round()
                 elif s.phase == TRAINING:
-                    log.warning("round %d deadline: only %d updates (< min_clients %d; none from %s); retrying the round",
-                                s.round, len(self._received), self._config.min_clients,
-                                ", ".join(sorted(set(s.selected) - set(self._received))))
+                    log.warning(
+                        "round %d deadline: only %d updates (< min_clients %d; none from %s); retrying the round",
+                        s.round,
+                        len(self._received),
+                        self._config.min_clients,
+                        ", ".join(sorted(set(s.selected) - set(self._received))),
+                    )
                     self._metrics.clients_dropped.inc(len(set(s.selected) - set(self._received)))
                     s.round -= 1
                     s.attempt += 1
@@ -530,10 +594,18 @@ class Federation:
         s = self._state
         horizon = self._clock() - 3 * self._config.deadlines.heartbeat_s
         connected = sum(1 for silo, t in self._last_seen.items() if t >= horizon and silo in s.declarations)
-        return Status(federation_id=s.federation_id, phase=s.phase, round=s.round, rounds=self._config.rounds,
-                      joined=tuple(sorted(s.declarations)), selected=tuple(s.selected) if s.phase == TRAINING else (),
-                      received=tuple(sorted(self._received)), results=tuple(sorted(s.results)),
-                      told_done=frozenset(self._told_done), connected=connected)
+        return Status(
+            federation_id=s.federation_id,
+            phase=s.phase,
+            round=s.round,
+            rounds=self._config.rounds,
+            joined=tuple(sorted(s.declarations)),
+            selected=tuple(s.selected) if s.phase == TRAINING else (),
+            received=tuple(sorted(self._received)),
+            results=tuple(sorted(s.results)),
+            told_done=frozenset(self._told_done),
+            connected=connected,
+        )
 
     def global_values(self) -> ComponentValues:
         """The current global model (a snapshot: aggregation replaces tensors, it never changes them in place)."""
@@ -552,7 +624,9 @@ class Federation:
 
     def _report(self) -> dict[str, Any]:
         s = self._state
-        trainable = {silo: layout_bytes(self._travelling(silo), self._config.wire.dtype) for silo in sorted(s.silo_plans)}
+        trainable = {
+            silo: layout_bytes(self._travelling(silo), self._config.wire.dtype) for silo in sorted(s.silo_plans)
+        }
         return s.log.report(self._config, [s.results[silo] for silo in sorted(s.results)], trainable, self._fingerprint)
 
     # ----------------------------------------------------------- persistence
@@ -584,9 +658,11 @@ class Federation:
     def _write_failed(self, exc: OSError) -> NoReturn:
         assert self._store is not None
         self._metrics.state_write_failures.inc()
-        self._unsaved = (f"the server cannot write its state in {self._store.directory} ({exc.strerror or exc}); "
-                         "it keeps its last checkpoint and waits: free space on the volume or make it writable, "
-                         "and the federation carries on by itself")
+        self._unsaved = (
+            f"the server cannot write its state in {self._store.directory} ({exc.strerror or exc}); "
+            "it keeps its last checkpoint and waits: free space on the volume or make it writable, "
+            "and the federation carries on by itself"
+        )
         now = self._clock()
         if now - self._unsaved_logged >= UNSAVED_LOG_INTERVAL_S:
             self._unsaved_logged = now

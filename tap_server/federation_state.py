@@ -37,13 +37,17 @@ class FederationState(JsonRecord):
     attempt: int = 0  # retries of the current round (a deadline with too few updates)
     selected: list[str] = field(default_factory=list)
     declarations: dict[str, SiloDeclaration] = field(
-        default_factory=dict, metadata=json_each(SiloDeclaration.to_json, SiloDeclaration.from_json))
+        default_factory=dict, metadata=json_each(SiloDeclaration.to_json, SiloDeclaration.from_json)
+    )
     # fixed at the start, never rebuilt from declarations
     plan: ModelPlan | None = field(
-        default=None, metadata=json_codec(lambda p: p and plan_to_json(p), lambda p: p and plan_from_json(p)))
+        default=None, metadata=json_codec(lambda p: p and plan_to_json(p), lambda p: p and plan_from_json(p))
+    )
     silo_plans: dict[str, ModelPlan] = field(default_factory=dict, metadata=json_each(plan_to_json, plan_from_json))
     layout: Layout = field(default_factory=dict, metadata=json_codec(layout_to_json, layout_from_json))
-    results: dict[str, SiloResult] = field(default_factory=dict, metadata=json_each(SiloResult.to_json, SiloResult.from_json))
+    results: dict[str, SiloResult] = field(
+        default_factory=dict, metadata=json_each(SiloResult.to_json, SiloResult.from_json)
+    )
     log: RoundLog = field(default_factory=RoundLog, metadata=json_codec(RoundLog.to_json, RoundLog.from_json))
     global_values: ComponentValues = field(default_factory=dict, metadata=NOT_IN_JSON)  # the safetensors file
 
@@ -62,19 +66,29 @@ class FederationState(JsonRecord):
         where = f"state {store.json_path}"
         data, values = store.load()
         if data.get("version") != STATE_VERSION:
-            raise ConfigError(where, f"was written by another version of tap-server (state version {data.get('version')}, "
-                                     f"this one reads {STATE_VERSION})", "use a new --state directory")
+            raise ConfigError(
+                where,
+                f"was written by another version of tap-server (state version {data.get('version')}, "
+                f"this one reads {STATE_VERSION})",
+                "use a new --state directory",
+            )
         saved, current = data.get("config", {}), to_mapping(config)
         defaults = to_mapping(FederationConfig())
         for key in sorted(set(saved) | set(current)):
             # a section the saved config lacks was added since (an older server wrote it): it ran with the default
             if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != current.get(key):
-                raise ConfigError(where, f"was written with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
-                                  "use the original federation config (only deadlines, expected_silos and limits may change), "
-                                  "or a new --state directory")
+                raise ConfigError(
+                    where,
+                    f"was written with a different {key} ({saved.get(key)!r}, now {current.get(key)!r})",
+                    "use the original federation config (only deadlines, expected_silos and limits may change), "
+                    "or a new --state directory",
+                )
         if data.get("fingerprint") != fingerprint:
-            raise ConfigError(where, "was written for another base model fingerprint",
-                              "use the same model weights, or a new --state directory")
+            raise ConfigError(
+                where,
+                "was written for another base model fingerprint",
+                "use the same model weights, or a new --state directory",
+            )
         state = cls.from_json(data, global_values=values or {})
         state.config = current
         if state.phase != WAITING and not state.global_values:

@@ -40,8 +40,10 @@ class _BlockDumper(yaml.SafeDumper):
     """PEM files and JSON as literal blocks (|), readable and diffable."""
 
 
-_BlockDumper.add_representer(str, lambda dumper, value: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", value, style="|" if "\n" in value else None))
+_BlockDumper.add_representer(
+    str,
+    lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None),
+)
 
 
 def secret_manifest(name: str, directory: Path, files: tuple[str, ...], component: str) -> dict:
@@ -51,8 +53,10 @@ def secret_manifest(name: str, directory: Path, files: tuple[str, ...], componen
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "tap",
-                                              "app.kubernetes.io/component": component}},
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/part-of": "tap", "app.kubernetes.io/component": component},
+        },
         "type": "Opaque",
         "stringData": {f: (directory / f).read_text() for f in files},
     }
@@ -67,9 +71,12 @@ def _write(path: Path, header: str, data: dict, private: bool) -> Path:
 
 
 def write_server_secret(out: Path) -> Path:
-    return _write(out / "helm" / "server-secret.yaml",
-                  "# The server kit (holds the server's private key). kubectl -n NAMESPACE apply -f this file\n",
-                  secret_manifest(SERVER_SECRET, out / "server", SERVER_FILES, "server"), private=True)
+    return _write(
+        out / "helm" / "server-secret.yaml",
+        "# The server kit (holds the server's private key). kubectl -n NAMESPACE apply -f this file\n",
+        secret_manifest(SERVER_SECRET, out / "server", SERVER_FILES, "server"),
+        private=True,
+    )
 
 
 def write_server(out: Path) -> list[Path]:
@@ -82,27 +89,40 @@ def write_server(out: Path) -> list[Path]:
     federation.setdefault("clients_per_round", silos)
     federation["min_clients"] = min(federation.get("min_clients", 1), silos)
     values = {"server": {"tls": {"existingSecret": SERVER_SECRET}, "federation": federation}}
-    header = ("# Values of the server release, written by tap-server provision --helm-values.\n"
-              f"#   kubectl -n federation apply -f {secret.name}\n"
-              "#   helm install fl helm/tap -n federation -f server-values.yaml\n"
-              "# server.federation is KITS/server/federation.yaml: edit it here (or there) before the first install.\n")
+    header = (
+        "# Values of the server release, written by tap-server provision --helm-values.\n"
+        f"#   kubectl -n federation apply -f {secret.name}\n"
+        "#   helm install fl helm/tap -n federation -f server-values.yaml\n"
+        "# server.federation is KITS/server/federation.yaml: edit it here (or there) before the first install.\n"
+    )
     return [secret, _write(out / "helm" / "server-values.yaml", header, values, private=False)]
 
 
 def write_silo_secret(out: Path, silo: str) -> Path:
-    return _write(out / "helm" / f"{silo}-secret.yaml",
-                  f"# The kit of silo {silo} (holds its private key): hand it over with the kit, never to anyone else.\n",
-                  secret_manifest(silo_secret_name(silo), out / silo, SILO_FILES, "client"), private=True)
+    return _write(
+        out / "helm" / f"{silo}-secret.yaml",
+        f"# The kit of silo {silo} (holds its private key): hand it over with the kit, never to anyone else.\n",
+        secret_manifest(silo_secret_name(silo), out / silo, SILO_FILES, "client"),
+        private=True,
+    )
 
 
 def write_silo(out: Path, silo: str, server: str) -> list[Path]:
     secret = write_silo_secret(out, silo)
-    values = {"server": {"enabled": False},
-              "client": {"enabled": True, "siloName": kubernetes_name(silo), "server": server,
-                         "tls": {"existingSecret": silo_secret_name(silo)}}}
-    header = (f"# Values of silo {silo}'s agent release, written by tap-server provision --helm-values.\n"
-              f"#   kubectl -n silo apply -f {secret.name}\n"
-              f"#   helm install {kubernetes_name(silo)} helm/tap -n silo -f {silo}-values.yaml "
-              "--set client.data.existingClaim=<data PVC>\n"
-              "# silo.yaml (in the Secret) lists the tasks; its data paths point under client.data.mountPath (/data).\n")
+    values = {
+        "server": {"enabled": False},
+        "client": {
+            "enabled": True,
+            "siloName": kubernetes_name(silo),
+            "server": server,
+            "tls": {"existingSecret": silo_secret_name(silo)},
+        },
+    }
+    header = (
+        f"# Values of silo {silo}'s agent release, written by tap-server provision --helm-values.\n"
+        f"#   kubectl -n silo apply -f {secret.name}\n"
+        f"#   helm install {kubernetes_name(silo)} helm/tap -n silo -f {silo}-values.yaml "
+        "--set client.data.existingClaim=<data PVC>\n"
+        "# silo.yaml (in the Secret) lists the tasks; its data paths point under client.data.mountPath (/data).\n"
+    )
     return [secret, _write(out / "helm" / f"{silo}-values.yaml", header, values, private=False)]

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from tap_core.errors import Rejected
 
 SERVICE_PREFIX = "/tap.v1.Federation/"
-MAX_JSON_INT = 2 ** 63
+MAX_JSON_INT = 2**63
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,9 @@ def safe_deserializer(parse: Callable[[bytes], Any] | None, max_bytes: int) -> C
 
     def deserialize(data: bytes) -> Any:
         if len(data) > max_bytes:
-            return Undecodable("oversize", f"a message of {len(data)} bytes, at most {max_bytes} "
-                                           "(wire.max_message_bytes)")
+            return Undecodable(
+                "oversize", f"a message of {len(data)} bytes, at most {max_bytes} (wire.max_message_bytes)"
+            )
         if parse is None:
             return data
         try:
@@ -69,7 +70,8 @@ class SafeRequests(grpc.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
         return handler._replace(
-            request_deserializer=safe_deserializer(handler.request_deserializer, self.max_message_bytes))
+            request_deserializer=safe_deserializer(handler.request_deserializer, self.max_message_bytes)
+        )
 
 
 def _reject_constant(name: str) -> Any:

@@ -51,8 +51,12 @@ def kind_of(method_name: str) -> str:
 
 
 def per_silo_limit(limits: LimitsConfig, kind: str) -> int:
-    return {"poll": limits.polls_per_silo, "download": limits.downloads_per_silo, "upload": limits.uploads_per_silo,
-            "unary": limits.unary_per_silo}[kind]
+    return {
+        "poll": limits.polls_per_silo,
+        "download": limits.downloads_per_silo,
+        "upload": limits.uploads_per_silo,
+        "unary": limits.unary_per_silo,
+    }[kind]
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,11 @@ class CallLimiter:
         with self._lock:
             calls = self._open.setdefault((silo, kind), [])
             if len(calls) >= limit:
-                raise Rejected("too_many_calls", f"silo {silo} already has {len(calls)} {kind} call(s) in progress, at "
-                                                 f"most {limit} (limits.{_limit_key(kind)}); retry once one has ended")
+                raise Rejected(
+                    "too_many_calls",
+                    f"silo {silo} already has {len(calls)} {kind} call(s) in progress, at "
+                    f"most {limit} (limits.{_limit_key(kind)}); retry once one has ended",
+                )
             calls.append(call)
         self.metrics.calls_in_flight.labels(kind=kind).inc()
         try:
@@ -151,8 +158,12 @@ class CallLimiter:
 
 
 def _limit_key(kind: str) -> str:
-    return {"poll": "polls_per_silo", "download": "downloads_per_silo", "upload": "uploads_per_silo",
-            "unary": "unary_per_silo"}[kind]
+    return {
+        "poll": "polls_per_silo",
+        "download": "downloads_per_silo",
+        "upload": "uploads_per_silo",
+        "unary": "unary_per_silo",
+    }[kind]
 
 
 class CallWatch:
@@ -163,7 +174,9 @@ class CallWatch:
     :meth:`ensure_running`); :meth:`sweep` is the check itself, for tests.
     """
 
-    def __init__(self, limiter: CallLimiter, identify: Callable[[bytes], str], clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, limiter: CallLimiter, identify: Callable[[bytes], str], clock: Callable[[], float] = time.monotonic
+    ):
         self.limiter = limiter
         self.identify = identify
         self.clock = clock
@@ -204,14 +217,22 @@ class CallWatch:
             if call.ended is not None or call.kind not in STREAMS:
                 continue
             if now - call.started > limits.stream_max_s:
-                self._cut(call, "stream_too_long", grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"{call.kind} stream of silo {call.silo} open for {now - call.started:.0f}s, at most "
-                          f"{limits.stream_max_s:g}s (limits.stream_max_s)")
+                self._cut(
+                    call,
+                    "stream_too_long",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.kind} stream of silo {call.silo} open for {now - call.started:.0f}s, at most "
+                    f"{limits.stream_max_s:g}s (limits.stream_max_s)",
+                )
             elif call.waiting_since is not None and now - call.waiting_since > limits.stream_idle_s:
                 what = "sent nothing" if call.kind == "upload" else "took nothing"
-                self._cut(call, "stream_idle", grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"{call.kind} stream of silo {call.silo}: the peer {what} for {now - call.waiting_since:.0f}s, "
-                          f"at most {limits.stream_idle_s:g}s (limits.stream_idle_s)")
+                self._cut(
+                    call,
+                    "stream_idle",
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{call.kind} stream of silo {call.silo}: the peer {what} for {now - call.waiting_since:.0f}s, "
+                    f"at most {limits.stream_idle_s:g}s (limits.stream_idle_s)",
+                )
         if calls and now - self._last_identity_check >= IDENTITY_CHECK_S:
             self._last_identity_check = now
             self._cut_lost_identities([c for c in calls if c.ended is None])
@@ -228,8 +249,12 @@ class CallWatch:
                     verdicts[call.certificate] = exc if exc.reason in IDENTITY else None
             refusal = verdicts[call.certificate]
             if refusal is not None:
-                self._cut(call, refusal.reason, grpc.StatusCode.PERMISSION_DENIED,
-                          f"{call.kind} call of silo {call.silo} ended: {refusal}")
+                self._cut(
+                    call,
+                    refusal.reason,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{call.kind} call of silo {call.silo} ended: {refusal}",
+                )
 
     def _cut(self, call: OpenCall, reason: str, code: grpc.StatusCode, message: str) -> None:
         call.ended = reason

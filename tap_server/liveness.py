@@ -35,8 +35,15 @@ def dial_address(listen_host: str, port: int) -> str:
 
 
 class MtlsSelfCheck:
-    def __init__(self, target: str, tls: ServerTLS, service: str, on_result: Callable[[bool], None],
-                 interval_s: float = 10.0, timeout_s: float = 5.0):
+    def __init__(
+        self,
+        target: str,
+        tls: ServerTLS,
+        service: str,
+        on_result: Callable[[bool], None],
+        interval_s: float = 10.0,
+        timeout_s: float = 5.0,
+    ):
         self.target = target
         self.tls = tls
         self.service = service
@@ -57,8 +64,10 @@ class MtlsSelfCheck:
             else:
                 if not self._warned:
                     self._warned = True
-                    log.warning("the server certificate lacks clientAuth: liveness checks only the TLS handshake "
-                                "of the silo port (renew it with `tap-server rotate --server` for the full check)")
+                    log.warning(
+                        "the server certificate lacks clientAuth: liveness checks only the TLS handshake "
+                        "of the silo port (renew it with `tap-server rotate --server` for the full check)"
+                    )
                 self._handshake(material)
             self.last_error = ""
             return True
@@ -67,8 +76,9 @@ class MtlsSelfCheck:
             return False
 
     def _health_rpc(self, material) -> None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=material.ca_pem, private_key=material.key_pem,
-                                                   certificate_chain=material.cert_pem)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=material.ca_pem, private_key=material.key_pem, certificate_chain=material.cert_pem
+        )
         options = [("grpc.ssl_target_name_override", SELF_NAME), ("grpc.use_local_subchannel_pool", 1)]
         with grpc.secure_channel(self.target, credentials, options=options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)

@@ -32,29 +32,54 @@ class ServerMetrics:
         self.rounds_completed = Counter("tap_rounds_completed", "Rounds aggregated and persisted.", registry=r)
         self.phase = Gauge("tap_phase", "1 for the server's current phase, 0 otherwise.", ["phase"], registry=r)
         self.clients_joined = Gauge("tap_clients_joined", "Silos registered with the federation.", registry=r)
-        self.clients_connected = Gauge("tap_clients_connected", "Silos heard from within the heartbeat window.", registry=r)
+        self.clients_connected = Gauge(
+            "tap_clients_connected", "Silos heard from within the heartbeat window.", registry=r
+        )
         self.clients_selected = Gauge("tap_clients_selected", "Silos selected for the current round.", registry=r)
-        self.clients_dropped = Counter("tap_clients_dropped", "Selected silos that missed a round or finish deadline.", registry=r)
-        self.updates_received = Counter("tap_updates_received", "Client updates accepted into an aggregate.", registry=r)
+        self.clients_dropped = Counter(
+            "tap_clients_dropped", "Selected silos that missed a round or finish deadline.", registry=r
+        )
+        self.updates_received = Counter(
+            "tap_updates_received", "Client updates accepted into an aggregate.", registry=r
+        )
         self.results_received = Gauge("tap_results_received", "Silos that reported their stage-2 results.", registry=r)
-        self.bytes_sent = Counter("tap_bytes_sent", "Bytes of tensor streams sent, by component kind.", ["kind"], registry=r)
-        self.bytes_received = Counter("tap_bytes_received", "Bytes of tensor streams received, by component kind.", ["kind"], registry=r)
-        self.stream_seconds = Histogram("tap_stream_seconds", "Duration of tensor streams.", ["direction"],
-                                        buckets=_DURATION_BUCKETS, registry=r)
-        self.aggregation_seconds = Histogram("tap_aggregation_seconds", "Time to finalise a round's aggregate.",
-                                             buckets=_DURATION_BUCKETS, registry=r)
+        self.bytes_sent = Counter(
+            "tap_bytes_sent", "Bytes of tensor streams sent, by component kind.", ["kind"], registry=r
+        )
+        self.bytes_received = Counter(
+            "tap_bytes_received", "Bytes of tensor streams received, by component kind.", ["kind"], registry=r
+        )
+        self.stream_seconds = Histogram(
+            "tap_stream_seconds", "Duration of tensor streams.", ["direction"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.aggregation_seconds = Histogram(
+            "tap_aggregation_seconds", "Time to finalise a round's aggregate.", buckets=_DURATION_BUCKETS, registry=r
+        )
         self.rejected = Counter("tap_rejected_requests", "Requests refused, by reason.", ["reason"], registry=r)
-        self.calls_in_flight = Gauge("tap_calls_in_flight", "Calls in progress, by kind (poll, download, upload, unary).",
-                                     ["kind"], registry=r)
-        self.weights_capped = Counter("tap_weights_capped", "Rounds x silos whose aggregation weight was capped "
-                                                            "(aggregation.max_weight_share).", registry=r)
-        self.replacements = Counter("tap_replacements", "Adaptive replacement events reported by silos, by task.", ["task"], registry=r)
-        self.task_loss = Gauge("tap_task_loss", "Mean training loss of the global copy in the last round, by task.", ["task"], registry=r)
-        self.kd_loss = Gauge("tap_kd_loss", "Mean distillation loss reported in stage 2, by task.", ["task"], registry=r)
+        self.calls_in_flight = Gauge(
+            "tap_calls_in_flight", "Calls in progress, by kind (poll, download, upload, unary).", ["kind"], registry=r
+        )
+        self.weights_capped = Counter(
+            "tap_weights_capped",
+            "Rounds x silos whose aggregation weight was capped (aggregation.max_weight_share).",
+            registry=r,
+        )
+        self.replacements = Counter(
+            "tap_replacements", "Adaptive replacement events reported by silos, by task.", ["task"], registry=r
+        )
+        self.task_loss = Gauge(
+            "tap_task_loss", "Mean training loss of the global copy in the last round, by task.", ["task"], registry=r
+        )
+        self.kd_loss = Gauge(
+            "tap_kd_loss", "Mean distillation loss reported in stage 2, by task.", ["task"], registry=r
+        )
         self.state_writes = Counter("tap_state_writes", "State checkpoints written.", registry=r)
-        self.state_write_failures = Counter("tap_state_write_failures", "State checkpoints that failed to write.", registry=r)
-        self.state_write_seconds = Histogram("tap_state_write_seconds", "Duration of a state checkpoint write.",
-                                             buckets=_DURATION_BUCKETS, registry=r)
+        self.state_write_failures = Counter(
+            "tap_state_write_failures", "State checkpoints that failed to write.", registry=r
+        )
+        self.state_write_seconds = Histogram(
+            "tap_state_write_seconds", "Duration of a state checkpoint write.", buckets=_DURATION_BUCKETS, registry=r
+        )
         # days left of the server, CA and silo certificates; the daemon attaches the sources
         self.certificate_days_left = CertificateExpiryCollector(registry=r)
         self.set_phase(PHASES[0])
@@ -106,8 +131,12 @@ class ServerMetrics:
 
         Counters add ``_total`` (and ``_created``), histograms ``_bucket``, ``_sum``, ``_count``.
         """
-        suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                    "gauge": ("",), "summary": ("_sum", "_count", "_created")}
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("_bucket", "_sum", "_count", "_created"),
+            "gauge": ("",),
+            "summary": ("_sum", "_count", "_created"),
+        }
         names: set[str] = set()
         for family in self.registry.collect():
             for suffix in suffixes.get(family.type, ("",)):

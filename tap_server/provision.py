@@ -53,7 +53,9 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -77,8 +79,9 @@ class CertificateAuthority:
     @classmethod
     def create(cls, name: str, days: int) -> "CertificateAuthority":
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-                             x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION), x509.NameAttribute(NameOID.COMMON_NAME, name)]
+        )
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -89,9 +92,20 @@ class CertificateAuthority:
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -101,7 +115,11 @@ class CertificateAuthority:
     def load(cls, directory: Path) -> "CertificateAuthority":
         cert_path, key_path = directory / "ca.crt", directory / "ca.key"
         if not key_path.is_file():
-            raise ConfigError(str(key_path), "CA key not found", "pass the --out folder of the original provisioning (it holds ca/ca.key)")
+            raise ConfigError(
+                str(key_path),
+                "CA key not found",
+                "pass the --out folder of the original provisioning (it holds ca/ca.key)",
+            )
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         return cls(cert, key)
@@ -110,14 +128,21 @@ class CertificateAuthority:
         _write_public(directory / "ca.crt", _cert_pem(self.cert))
         _write_private(directory / "ca.key", _key_pem(self.key))
 
-    def issue(self, cn: str, days: int, *, server_hosts: list[str] | None = None, client: bool = False
-              ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def issue(
+        self, cn: str, days: int, *, server_hosts: list[str] | None = None, client: bool = False
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = _now()
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-                                     x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+                        x509.NameAttribute(NameOID.COMMON_NAME, cn),
+                    ]
+                )
+            )
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -128,8 +153,9 @@ class CertificateAuthority:
         )
         if client:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"tap://silo/{cn}")]),
-                                            critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"tap://silo/{cn}")]), critical=False
+            )
         else:
             names: list[x509.GeneralName] = []
             for host in server_hosts or []:
@@ -140,8 +166,10 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
             # clientAuth too: the server's liveness self-check dials its own mTLS port with this certificate
             # (no silo can use it: silos.json pins each silo's own certificate).
-            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
         return builder.sign(self.key, hashes.SHA256()), key
 
 
@@ -176,7 +204,9 @@ class SiloRegistry:
     def revoke(self, silo: str) -> None:
         data = self.load()
         if silo not in data["silos"]:
-            raise ConfigError(str(self.path), f"silo {silo!r} is not provisioned", f"known: {', '.join(sorted(data['silos']))}")
+            raise ConfigError(
+                str(self.path), f"silo {silo!r} is not provisioned", f"known: {', '.join(sorted(data['silos']))}"
+            )
         data["revoked"][silo] = data["silos"].pop(silo)
         data["revoked"][silo]["revoked_at"] = _now().isoformat()
         self.save(data)
@@ -209,8 +239,13 @@ SILO_TEMPLATE = {
             "modalities": ["text"],
             "family": "text_classification",
             "domain": "general",
-            "data": {"format": "csv", "path": "data/train.csv", "text_column": "text", "label_column": "label",
-                     "test_fraction": 0.2},
+            "data": {
+                "format": "csv",
+                "path": "data/train.csv",
+                "text_column": "text",
+                "label_column": "label",
+                "test_fraction": 0.2,
+            },
         }
     ],
     "state_dir": "tap-client-state",
@@ -229,8 +264,9 @@ FEDERATION_TEMPLATE = {
 }
 
 
-def provision(out: Path, silos: list[str], server_hosts: list[str], days: int = 365, ca_days: int = 3650,
-              port: int = 50051) -> None:
+def provision(
+    out: Path, silos: list[str], server_hosts: list[str], days: int = 365, ca_days: int = 3650, port: int = 50051
+) -> None:
     """Create the CA, the server kit and one kit per silo under ``out`` (refuses to overwrite a CA)."""
     for silo in silos:
         check_silo_id(silo)
@@ -252,7 +288,9 @@ def provision(out: Path, silos: list[str], server_hosts: list[str], days: int = 
         add_silo(out, silo, days, server=f"{server_hosts[0] if server_hosts else 'localhost'}:{port}", ca=ca)
 
 
-def add_silo(out: Path, silo: str, days: int = 365, server: str = "SERVER:50051", ca: CertificateAuthority | None = None) -> Path:
+def add_silo(
+    out: Path, silo: str, days: int = 365, server: str = "SERVER:50051", ca: CertificateAuthority | None = None
+) -> Path:
     check_silo_id(silo)
     ca = ca or CertificateAuthority.load(out / "ca")
     registry = SiloRegistry(out / "server" / "silos.json")

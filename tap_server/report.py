@@ -24,8 +24,11 @@ def mean_over_silos(results: list[SiloResult]) -> float | None:
 def _task_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean primary score of one task over the silos that hold it, beside its mean trivial baseline."""
     baselines = [r["baseline"] for r in rows if r["baseline"] is not None]
-    return {"mean_primary": mean(r["primary"] for r in rows), "silos": len(rows),
-            "mean_baseline": mean(baselines) if baselines else None}
+    return {
+        "mean_primary": mean(r["primary"] for r in rows),
+        "silos": len(rows),
+        "mean_baseline": mean(baselines) if baselines else None,
+    }
 
 
 def transport_summary(transport: list[dict[str, Any]], trainable_bytes: dict[str, int]) -> dict[str, Any]:
@@ -42,8 +45,15 @@ def transport_summary(transport: list[dict[str, Any]], trainable_bytes: dict[str
     rows = []
     for (silo, round_index), entry in sorted(per.items()):
         budget = 2 * trainable_bytes.get(silo, 0)
-        rows.append({"silo": silo, "round": round_index, **entry, "trainable_bytes_x2": budget,
-                     "ratio": entry["wire_bytes"] / budget if budget else None})
+        rows.append(
+            {
+                "silo": silo,
+                "round": round_index,
+                **entry,
+                "trainable_bytes_x2": budget,
+                "ratio": entry["wire_bytes"] / budget if budget else None,
+            }
+        )
     ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
     total_payload = sum(t["payload_bytes"] for t in transport)
     total_wire = sum(t["wire_bytes"] for t in transport)
@@ -70,9 +80,18 @@ def build_report(
     timing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     tasks = [
-        {"silo": t.silo, "task": t.task, "kind": t.kind, "metrics": t.metrics, "primary": t.primary,
-         "steps": t.steps, "baseline": t.baseline, "test_examples": t.test_examples}
-        for r in results for t in r.tasks
+        {
+            "silo": t.silo,
+            "task": t.task,
+            "kind": t.kind,
+            "metrics": t.metrics,
+            "primary": t.primary,
+            "steps": t.steps,
+            "baseline": t.baseline,
+            "test_examples": t.test_examples,
+        }
+        for r in results
+        for t in r.tasks
     ]
     per_task: dict[str, list[dict[str, Any]]] = {}
     for t in tasks:

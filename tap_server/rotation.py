@@ -24,7 +24,14 @@ from cryptography import x509
 
 from tap_core.errors import ConfigError
 from tap_core.store import atomic_write_bytes
-from tap_server.provision import CertificateAuthority, SiloRegistry, _cert_pem, _key_pem, cert_fingerprint, check_silo_id
+from tap_server.provision import (
+    CertificateAuthority,
+    SiloRegistry,
+    _cert_pem,
+    _key_pem,
+    cert_fingerprint,
+    check_silo_id,
+)
 
 
 @dataclass
@@ -89,8 +96,11 @@ def rotate_silo(out: Path, silo: str, days: int) -> Renewed:
     data = registry.load()
     entry = data["silos"].get(silo)
     if entry is None:
-        hint = "it was revoked: issue a new kit with --add-silo" if silo in data["revoked"] else \
-            f"known: {', '.join(sorted(data['silos'])) or 'none'}"
+        hint = (
+            "it was revoked: issue a new kit with --add-silo"
+            if silo in data["revoked"]
+            else f"known: {', '.join(sorted(data['silos'])) or 'none'}"
+        )
         raise ConfigError(f"--silo {silo}", "is not provisioned", hint)
     kit = out / silo
     if not kit.is_dir():
@@ -100,7 +110,10 @@ def rotate_silo(out: Path, silo: str, days: int) -> Renewed:
     _write_pair(kit, "client", cert, key)
     previous = {k: v for k, v in entry.items() if k in ("sha256", "not_after")}
     previous["rotated_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
-    data["silos"][silo] = {"sha256": cert_fingerprint(cert), "not_after": cert.not_valid_after_utc.isoformat(),
-                           "previous": previous}
+    data["silos"][silo] = {
+        "sha256": cert_fingerprint(cert),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "previous": previous,
+    }
     registry.save(data)
     return Renewed(kit / "client.crt", cert_fingerprint(cert), cert.not_valid_after_utc)

@@ -33,7 +33,8 @@ class RoundLog(JsonRecord):
     dropped: list[Record] = field(default_factory=list)
     # (silo, round, direction) already in ``wire``: a repeated download or a re-sent upload counts once
     counted: set[tuple[str, int, str]] = field(
-        default_factory=set, metadata=json_codec(lambda c: sorted(list(k) for k in c), lambda c: {tuple(k) for k in c}))
+        default_factory=set, metadata=json_codec(lambda c: sorted(list(k) for k in c), lambda c: {tuple(k) for k in c})
+    )
 
     def count_payload(self, silo: str, round_index: int, direction: str, values: ComponentValues, dtype: str) -> None:
         """Add a payload to the wire counters, once per silo, round and direction."""
@@ -48,13 +49,33 @@ class RoundLog(JsonRecord):
         self.counted = {k for k in self.counted if not (k[1] == round_index and k[2] == "up")}
 
     def record_transfer(self, transfer: Transfer) -> None:
-        self.transport.append({"silo": transfer.silo, "round": transfer.round, "direction": transfer.direction,
-                               "payload_bytes": transfer.payload_bytes, "wire_bytes": transfer.wire_bytes})
-        self.timing.append({"silo": transfer.silo, "round": transfer.round, "direction": transfer.direction,
-                            "stream_seconds": transfer.seconds})
+        self.transport.append(
+            {
+                "silo": transfer.silo,
+                "round": transfer.round,
+                "direction": transfer.direction,
+                "payload_bytes": transfer.payload_bytes,
+                "wire_bytes": transfer.wire_bytes,
+            }
+        )
+        self.timing.append(
+            {
+                "silo": transfer.silo,
+                "round": transfer.round,
+                "direction": transfer.direction,
+                "stream_seconds": transfer.seconds,
+            }
+        )
 
-    def close_round(self, round_index: int, selected: list[str], received: dict[str, RoundStats], seconds: float,
-                    aggregation_seconds: float, refused: Mapping[str, str] | None = None) -> Record:
+    def close_round(
+        self,
+        round_index: int,
+        selected: list[str],
+        received: dict[str, RoundStats],
+        seconds: float,
+        aggregation_seconds: float,
+        refused: Mapping[str, str] | None = None,
+    ) -> Record:
         """Log an aggregated round; returns its history record (``refused``: silo -> why its update was refused)."""
         task_losses: dict[str, list[float]] = {}
         for stats in received.values():
@@ -85,10 +106,18 @@ class RoundLog(JsonRecord):
     def drop_at_finish(self, missing: list[str]) -> None:
         self.dropped.append({"phase": "finish", "silos": missing})
 
-    def report(self, config: FederationConfig, results: list[SiloResult], trainable_bytes: dict[str, int],
-               fingerprint: str) -> dict[str, Any]:
-        return build_report(config=config, results=results, replacements=self.replacements, wire=self.wire,
-                            history=self.history, transport=self.transport, trainable_bytes=trainable_bytes,
-                            dropped=self.dropped, fingerprint=fingerprint, timing={"events": self.timing})
-
-
+    def report(
+        self, config: FederationConfig, results: list[SiloResult], trainable_bytes: dict[str, int], fingerprint: str
+    ) -> dict[str, Any]:
+        return build_report(
+            config=config,
+            results=results,
+            replacements=self.replacements,
+            wire=self.wire,
+            history=self.history,
+            transport=self.transport,
+            trainable_bytes=trainable_bytes,
+            dropped=self.dropped,
+            fingerprint=fingerprint,
+            timing={"events": self.timing},
+        )

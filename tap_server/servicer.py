@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Federation"].full_name  # tap.v1.Federation
 MAX_POLL_S = 30.0
-ACTIONS = {"wait": pb.Assignment.WAIT, "train": pb.Assignment.TRAIN, "finish": pb.Assignment.FINISH,
-           "done": pb.Assignment.DONE}
+ACTIONS = {
+    "wait": pb.Assignment.WAIT,
+    "train": pb.Assignment.TRAIN,
+    "finish": pb.Assignment.FINISH,
+    "done": pb.Assignment.DONE,
+}
 # what from_json raises on a message of the wrong shape (or one too deep or too large for a number)
 MALFORMED = (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError)
 REFUSAL_LOG_EVERY_S = 10.0  # a flood of refusals of one reason is logged once per interval, with a count
@@ -97,6 +101,7 @@ def guarded(method: Callable) -> Callable:
         context.abort(grpc.StatusCode[exc.status], str(exc))
 
     if inspect.isgeneratorfunction(method):
+
         @functools.wraps(method)
         def stream(self, request, context):
             try:
@@ -145,8 +150,12 @@ def parse_stats(text: str, max_bytes: int) -> RoundStats:
 
 
 def assignment_to_proto(assignment: Assignment) -> pb.Assignment:
-    response = pb.Assignment(action=ACTIONS[assignment.action], round=assignment.round,
-                             retry_after_s=assignment.retry_after_s, message=assignment.message)
+    response = pb.Assignment(
+        action=ACTIONS[assignment.action],
+        round=assignment.round,
+        retry_after_s=assignment.retry_after_s,
+        message=assignment.message,
+    )
     if assignment.plan is not None:
         response.plan_json = json.dumps(plan_to_json(assignment.plan))
     response.layout.extend(layout_to_proto(assignment.layout))
@@ -180,8 +189,14 @@ def add_to_server(servicer: "FederationServicer", server: grpc.Server) -> None:
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    def __init__(self, config: FederationConfig, federation: Federation, auth: SiloAuthenticator,
-                 metrics: ServerMetrics, max_concurrent_uploads: int | None = None):
+    def __init__(
+        self,
+        config: FederationConfig,
+        federation: Federation,
+        auth: SiloAuthenticator,
+        metrics: ServerMetrics,
+        max_concurrent_uploads: int | None = None,
+    ):
         self.config = config
         self.federation = federation
         self.auth = auth
@@ -200,9 +215,13 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloResponse:
         silo = self.auth.identify(context)
         status = self.federation.touch(silo)
-        return pb.HelloResponse(silo_id=silo, federation_json=json.dumps(to_mapping(self.config)),
-                                heartbeat_interval_s=self.config.deadlines.heartbeat_s, server_version=VERSION,
-                                federation_id=status.federation_id)
+        return pb.HelloResponse(
+            silo_id=silo,
+            federation_json=json.dumps(to_mapping(self.config)),
+            heartbeat_interval_s=self.config.deadlines.heartbeat_s,
+            server_version=VERSION,
+            federation_id=status.federation_id,
+        )
 
     @guarded
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
@@ -231,9 +250,17 @@ class FederationServicer(pb_grpc.FederationServicer):
         for frame in self.frames.stream(payload.values, payload.layout, StreamInfo(payload.round)):
             wire += frame_wire_bytes(frame)
             yield frame
-        self.federation.record_transfer(Transfer(silo, payload.round, payload.direction,
-                                                 layout_bytes(payload.layout, self.config.wire.dtype), wire,
-                                                 time.perf_counter() - started, payload.layout))
+        self.federation.record_transfer(
+            Transfer(
+                silo,
+                payload.round,
+                payload.direction,
+                layout_bytes(payload.layout, self.config.wire.dtype),
+                wire,
+                time.perf_counter() - started,
+                payload.layout,
+            )
+        )
 
     @guarded
     def Upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadAck:
@@ -250,11 +277,15 @@ class FederationServicer(pb_grpc.FederationServicer):
             decoder.feed(first)
             for frame in request_iterator:
                 decoder.feed(frame)
-            update = ClientUpdate(silo=silo, round=slot.round, values=decoder.finish(), weights=dict(header.weights),
-                                  stats=stats)
+            update = ClientUpdate(
+                silo=silo, round=slot.round, values=decoder.finish(), weights=dict(header.weights), stats=stats
+            )
             self.federation.submit_update(update)
-        self.federation.record_transfer(Transfer(silo, slot.round, "up", decoder.received, decoder.wire_bytes,
-                                                 time.perf_counter() - started, slot.layout))
+        self.federation.record_transfer(
+            Transfer(
+                silo, slot.round, "up", decoder.received, decoder.wire_bytes, time.perf_counter() - started, slot.layout
+            )
+        )
         return pb.UploadAck(round=slot.round, payload_bytes=decoder.received, message="accepted")
 
     @guarded
@@ -274,7 +305,8 @@ class FederationServicer(pb_grpc.FederationServicer):
             for task in result.tasks:
                 task.silo = silo
                 if not isinstance(task.metrics, dict) or not all(
-                        isinstance(v, (int, float)) and not isinstance(v, bool) for v in task.metrics.values()):
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in task.metrics.values()
+                ):
                     raise TypeError(f"task {task.task}: metrics must map names to numbers")
         except MALFORMED as exc:
             raise Rejected("malformed", f"results: {exc}") from exc
@@ -297,8 +329,10 @@ class FederationServicer(pb_grpc.FederationServicer):
     def _upload_slot(self) -> Iterator[None]:
         """A few uploads decoded at once, all silos together; only admitted uploads (the silo's turn) wait here."""
         if not self._uploads.acquire(timeout=self.limits.upload_slot_wait_s):
-            raise Rejected("busy", f"{self.limits.concurrent_uploads} uploads in progress (limits.concurrent_uploads); "
-                                   "retry shortly")
+            raise Rejected(
+                "busy",
+                f"{self.limits.concurrent_uploads} uploads in progress (limits.concurrent_uploads); retry shortly",
+            )
         try:
             yield
         finally:

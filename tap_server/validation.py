@@ -19,7 +19,9 @@ from tap_core.model.tap_model import ComponentValues
 from tap_server.aggregation import squared_distance
 
 
-def check_update(update: ClientUpdate, expected: Layout, owned: set[str], expected_weights: Mapping[str, float]) -> None:
+def check_update(
+    update: ClientUpdate, expected: Layout, owned: set[str], expected_weights: Mapping[str, float]
+) -> None:
     """Raise Rejected unless ``update`` holds exactly the expected, finite tensors.
 
     ``expected``: the components this silo must upload this round and their layout;
@@ -45,7 +47,9 @@ def check_update(update: ClientUpdate, expected: Layout, owned: set[str], expect
                 raise Rejected("missing_tensor", f"component {component} lacks tensor {name}")
             tensor = tensors[name]
             if tuple(tensor.shape) != tuple(shape):
-                raise Rejected("wrong_shape", f"{component}/{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+                raise Rejected(
+                    "wrong_shape", f"{component}/{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+                )
             if not tensor.is_floating_point():
                 raise Rejected("wrong_dtype", f"{component}/{name}: dtype {tensor.dtype} is not floating point")
             if not all_finite(tensor):
@@ -72,20 +76,29 @@ def _finite(value: object) -> bool:
 def _bounded_names(names: Iterable[str], limit: int, what: str, reason: str) -> None:
     for name in names:
         if not name or len(name) > limit:
-            raise Rejected(reason, f"{what} {name[:40]!r}{'…' if len(name) > 40 else ''}: "
-                                   f"names are 1 to {limit} characters (limits.max_name_chars)")
+            raise Rejected(
+                reason,
+                f"{what} {name[:40]!r}{'…' if len(name) > 40 else ''}: "
+                f"names are 1 to {limit} characters (limits.max_name_chars)",
+            )
 
 
 def _check_labels(task: str, labels: list[str] | tuple[str, ...], limits: LimitsConfig, what: str) -> None:
     if len(labels) > limits.max_labels_per_task:
-        raise Rejected("bad_declaration", f"task {task}: {len(labels)} {what}, at most {limits.max_labels_per_task} "
-                                          f"labels of at most {limits.max_label_chars} characters "
-                                          "(limits.max_labels_per_task)")
+        raise Rejected(
+            "bad_declaration",
+            f"task {task}: {len(labels)} {what}, at most {limits.max_labels_per_task} "
+            f"labels of at most {limits.max_label_chars} characters "
+            "(limits.max_labels_per_task)",
+        )
     longest = max((len(label) for label in labels), default=0)
     if longest > limits.max_label_chars:
-        raise Rejected("bad_declaration", f"task {task}: a label of {longest} characters among its {what}, at most "
-                                          f"{limits.max_labels_per_task} labels of at most {limits.max_label_chars} "
-                                          "characters (limits.max_label_chars)")
+        raise Rejected(
+            "bad_declaration",
+            f"task {task}: a label of {longest} characters among its {what}, at most "
+            f"{limits.max_labels_per_task} labels of at most {limits.max_label_chars} "
+            "characters (limits.max_label_chars)",
+        )
 
 
 def check_declaration(decl: SiloDeclaration, limits: LimitsConfig | None = None) -> None:
@@ -96,21 +109,29 @@ def check_declaration(decl: SiloDeclaration, limits: LimitsConfig | None = None)
     """
     limits = limits or LimitsConfig()
     if not decl.tasks or len(decl.tasks) > limits.max_tasks:
-        raise Rejected("bad_declaration", f"a silo declares 1 to {limits.max_tasks} tasks, not {len(decl.tasks)} "
-                                          "(limits.max_tasks)")
+        raise Rejected(
+            "bad_declaration",
+            f"a silo declares 1 to {limits.max_tasks} tasks, not {len(decl.tasks)} (limits.max_tasks)",
+        )
     names = [t.name for t in decl.tasks]
     if len(set(names)) != len(names):
         raise Rejected("bad_declaration", "a task is declared twice")
     for i, task in enumerate(decl.tasks):
-        _bounded_names([task.name, task.family, task.domain], limits.max_name_chars, f"tasks[{i}]: name/family/domain",
-                       "bad_declaration")
+        _bounded_names(
+            [task.name, task.family, task.domain],
+            limits.max_name_chars,
+            f"tasks[{i}]: name/family/domain",
+            "bad_declaration",
+        )
         try:
             validate_task(task, f"tasks[{i}] (name={task.name})")
         except ConfigError as exc:
             raise Rejected("bad_declaration", str(exc)) from exc
         if task.data:
-            raise Rejected("bad_declaration", f"task {task.name}: a declaration carries no data settings "
-                                              "(the silo's data stays with the silo)")
+            raise Rejected(
+                "bad_declaration",
+                f"task {task.name}: a declaration carries no data settings (the silo's data stays with the silo)",
+            )
         if task.labels is not None:
             _check_labels(task.name, task.labels, limits, "declared labels")
     if len(decl.device) > limits.max_name_chars:
@@ -121,29 +142,39 @@ def check_declaration(decl: SiloDeclaration, limits: LimitsConfig | None = None)
         raise Rejected("bad_declaration", f"train_samples must name exactly the tasks {sorted(names)}")
     for name, count in decl.train_samples.items():
         if not 1 <= count <= limits.max_train_samples:
-            raise Rejected("bad_declaration", f"task {name}: {count} training samples (1 to {limits.max_train_samples}, "
-                                              "limits.max_train_samples)")
+            raise Rejected(
+                "bad_declaration",
+                f"task {name}: {count} training samples (1 to {limits.max_train_samples}, limits.max_train_samples)",
+            )
     classification = {t.name: t for t in decl.tasks if t.kind == "classification"}
     total = 0
     for name, labels in decl.labels_seen.items():
         if name not in classification:
-            raise Rejected("bad_declaration", f"labels_seen names {name[:40]!r}, not a classification task of this silo")
+            raise Rejected(
+                "bad_declaration", f"labels_seen names {name[:40]!r}, not a classification task of this silo"
+            )
         _check_labels(name, labels, limits, "labels seen")
         declared = classification[name].labels
         if declared is not None:
             unknown = set(labels) - set(declared)
             if unknown:
-                raise Rejected("bad_declaration", f"task {name}: label {sorted(unknown)[0][:40]!r} occurs in the silo's "
-                                                  "data but not in its declared labels: list")
+                raise Rejected(
+                    "bad_declaration",
+                    f"task {name}: label {sorted(unknown)[0][:40]!r} occurs in the silo's "
+                    "data but not in its declared labels: list",
+                )
     for name, task in classification.items():
         total += len(set(task.labels or ()) | set(decl.labels_seen.get(name, ())))
     if total > limits.max_labels_per_silo:
-        raise Rejected("bad_declaration", f"{total} labels over the silo's tasks, at most {limits.max_labels_per_silo} "
-                                          "(limits.max_labels_per_silo)")
+        raise Rejected(
+            "bad_declaration",
+            f"{total} labels over the silo's tasks, at most {limits.max_labels_per_silo} (limits.max_labels_per_silo)",
+        )
 
 
-def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: float | None,
-                      reference_sq: dict[str, float] | None = None) -> None:
+def check_update_norm(
+    values: ComponentValues, current: ComponentValues, ratio: float | None, reference_sq: dict[str, float] | None = None
+) -> None:
     """Refuse an update that moves a component further than ``ratio`` times the component's global norm.
 
     The reference is at least ``UPDATE_NORM_FLOOR_RMS`` per element, so components whose global values
@@ -163,8 +194,11 @@ def check_update_norm(values: ComponentValues, current: ComponentValues, ratio: 
         bound = ratio * max(math.sqrt(cache[component]), UPDATE_NORM_FLOOR_RMS * math.sqrt(elements))
         change = math.sqrt(delta_sq)
         if not change <= bound:  # also refuses NaN
-            raise Rejected("update_norm", f"component {component}: the update moves it by {change:.4g} (L2), more than "
-                                          f"{ratio:g} x its global norm ({bound:.4g}, aggregation.max_update_norm_ratio)")
+            raise Rejected(
+                "update_norm",
+                f"component {component}: the update moves it by {change:.4g} (L2), more than "
+                f"{ratio:g} x its global norm ({bound:.4g}, aggregation.max_update_norm_ratio)",
+            )
 
 
 def check_stats(stats: RoundStats, tasks: set[str], components: set[str] | None = None) -> None:
@@ -187,11 +221,17 @@ def check_stats(stats: RoundStats, tasks: set[str], components: set[str] | None 
     for event in stats.replacements:
         if event.task not in tasks:
             raise Rejected("bad_stats", f"replacement event for task {event.task[:40]!r}, not one of this silo's tasks")
-        if not (_finite(event.global_loss) and _finite(event.margin) and event.round >= 0
-                and (_finite(event.personal_loss) or event.personal_loss == math.inf)):
+        if not (
+            _finite(event.global_loss)
+            and _finite(event.margin)
+            and event.round >= 0
+            and (_finite(event.personal_loss) or event.personal_loss == math.inf)
+        ):
             raise Rejected("non_finite", f"replacement event of task {event.task}: losses and margin must be finite")
         if components is not None and not set(event.components) <= components:
-            raise Rejected("bad_stats", f"replacement event of task {event.task} names components the silo does not hold")
+            raise Rejected(
+                "bad_stats", f"replacement event of task {event.task} names components the silo does not hold"
+            )
     if not 0 <= stats.samples_seen <= MAX_STEPS * 1000:
         raise Rejected("bad_stats", f"stats: samples_seen is {stats.samples_seen}")
     if not _finite(stats.train_seconds) or stats.train_seconds < 0:
@@ -207,8 +247,11 @@ def check_result(result: SiloResult, tasks: Mapping[str, str], limits: LimitsCon
         raise Rejected("bad_result", f"results for tasks {shown}, expected each of {sorted(tasks)} once")
     for table in (*(t.metrics for t in result.tasks), *result.stage1_metrics.values()):
         if len(table) > limits.max_metrics_per_task:
-            raise Rejected("bad_result", f"{len(table)} metrics for one task, at most {limits.max_metrics_per_task} "
-                                         "(limits.max_metrics_per_task)")
+            raise Rejected(
+                "bad_result",
+                f"{len(table)} metrics for one task, at most {limits.max_metrics_per_task} "
+                "(limits.max_metrics_per_task)",
+            )
         _bounded_names(table, limits.max_name_chars, "metric", "bad_result")
     for task in result.tasks:
         if task.kind != tasks[task.task]:

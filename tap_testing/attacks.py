@@ -57,16 +57,18 @@ def _outcome(name: str, checks: dict[str, bool], numbers: dict[str, Any], summar
 
 def _health(harness: Harness) -> str:
     with grpc.insecure_channel(f"127.0.0.1:{harness.daemon.health_port}") as channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="tap.v1.Federation"),
-                                                             timeout=RPC_TIMEOUT)
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="tap.v1.Federation"), timeout=RPC_TIMEOUT
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
 # ------------------------------------------------------------------ 1. poll flood
 
 
-def poll_flood(polls: int = 300, probes: int = 20, connections: int = 1,
-               config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
+def poll_flood(
+    polls: int = 300, probes: int = 20, connections: int = 1, config: FederationConfig = TINY_CONFIG
+) -> ScenarioOutcome:
     """A joined silo in the wait state holds ``polls`` long polls; an honest silo's Hello and Heartbeat must not notice."""
     with running_server(["honest", "flooder", "absent"], with_config(config, expected_silos=3)) as h:
         honest, flooder = h.connect("honest"), h.connect("flooder")
@@ -77,7 +79,10 @@ def poll_flood(polls: int = 300, probes: int = 20, connections: int = 1,
         time.sleep(0.2)
         latencies, failures = [], []
         for _ in range(probes):
-            for call, request in ((honest.stub.Hello, pb.HelloRequest()), (honest.stub.Heartbeat, pb.HeartbeatRequest())):
+            for call, request in (
+                (honest.stub.Hello, pb.HelloRequest()),
+                (honest.stub.Heartbeat, pb.HeartbeatRequest()),
+            ):
                 started = time.perf_counter()
                 try:
                     call(request, timeout=RPC_TIMEOUT)
@@ -95,22 +100,37 @@ def poll_flood(polls: int = 300, probes: int = 20, connections: int = 1,
         health = _health(h)
         for future in flood:
             future.cancel()
-    numbers: dict[str, Any] = {"polls": polls, "connections": connections, "honest_calls": len(latencies),
-               "honest_failures": len(failures), "honest_p50_s": round(statistics.median(latencies), 4),
-               "honest_max_s": round(max(latencies), 4), "flood_refused": refused, "flood_refused_streams": refused_streams,
-               "flood_held": held,
-               "polls_in_flight": in_flight, "too_many_calls_counted": counted, "health": health}
-    return _outcome("attack: poll flood", {
-        "honest Hello/Heartbeat never refused": not failures,
-        "honest calls answered within 2 s": max(latencies) < 2.0,
-        f"the flooder holds at most {limit} polls": held <= limit and in_flight <= limit,
-        "every other poll refused (too_many_calls, or the connection's stream limit)":
-            refused + refused_streams == polls - held and counted >= refused,
-        "health SERVING": health == "SERVING",
-    }, numbers, f"{polls} polls from one silo: {held} held, {refused} refused (too_many_calls), {refused_streams} "
-                f"refused by the connection's stream limit; honest Hello/Heartbeat "
-                f"p50 {numbers['honest_p50_s'] * 1000:.1f} ms, max {numbers['honest_max_s'] * 1000:.1f} ms, "
-                f"{len(failures)} failed")
+    numbers: dict[str, Any] = {
+        "polls": polls,
+        "connections": connections,
+        "honest_calls": len(latencies),
+        "honest_failures": len(failures),
+        "honest_p50_s": round(statistics.median(latencies), 4),
+        "honest_max_s": round(max(latencies), 4),
+        "flood_refused": refused,
+        "flood_refused_streams": refused_streams,
+        "flood_held": held,
+        "polls_in_flight": in_flight,
+        "too_many_calls_counted": counted,
+        "health": health,
+    }
+    return _outcome(
+        "attack: poll flood",
+        {
+            "honest Hello/Heartbeat never refused": not failures,
+            "honest calls answered within 2 s": max(latencies) < 2.0,
+            f"the flooder holds at most {limit} polls": held <= limit and in_flight <= limit,
+            "every other poll refused (too_many_calls, or the connection's stream limit)": refused + refused_streams
+            == polls - held
+            and counted >= refused,
+            "health SERVING": health == "SERVING",
+        },
+        numbers,
+        f"{polls} polls from one silo: {held} held, {refused} refused (too_many_calls), {refused_streams} "
+        f"refused by the connection's stream limit; honest Hello/Heartbeat "
+        f"p50 {numbers['honest_p50_s'] * 1000:.1f} ms, max {numbers['honest_max_s'] * 1000:.1f} ms, "
+        f"{len(failures)} failed",
+    )
 
 
 # ----------------------------------------------------------- 2. unbounded label lists
@@ -122,25 +142,36 @@ def _join_with(silo: Silo, make: Callable[[], str]) -> Any:
 
 def _labels(count: int, width: int = 1, alphabet_start: int = 0) -> list[str]:
     if alphabet_start:  # e.g. CJK: two characters each from a block of 20,000 code points
-        return [chr(alphabet_start + i % 20_000) + chr(alphabet_start + i // 20_000) * (width - 1) for i in range(count)]
+        return [
+            chr(alphabet_start + i % 20_000) + chr(alphabet_start + i // 20_000) * (width - 1) for i in range(count)
+        ]
     return [f"l{i}" + "x" * max(0, width - 1) for i in range(count)]
 
 
-def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
+def label_bloat(
+    labels: int = 700_000, cjk_labels: int = 620_002, config: FederationConfig = TINY_CONFIG
+) -> ScenarioOutcome:
     """Declared label lists that would bloat another silo's task (head, plan, state) are refused to their sender."""
     config = with_config(config, expected_silos=3, wire=BIG_MESSAGES)
     limits = config.limits
     variants = {
         "labels_list": lambda: declaration_json(dict(IMAGE_TASK, labels=["a", "b", *_labels(labels)]), 5, ["a"]),
-        "cjk_labels_list": lambda: declaration_json(dict(IMAGE_TASK, labels=["a", "b", *_labels(cjk_labels, 2, 0x4E00)]),
-                                                    5, ["a"]),
-        "labels_over_limit": lambda: declaration_json(dict(IMAGE_TASK, labels=["a", "b", *_labels(limits.max_labels_per_task)]),
-                                                      5, ["a"]),
+        "cjk_labels_list": lambda: declaration_json(
+            dict(IMAGE_TASK, labels=["a", "b", *_labels(cjk_labels, 2, 0x4E00)]), 5, ["a"]
+        ),
+        "labels_over_limit": lambda: declaration_json(
+            dict(IMAGE_TASK, labels=["a", "b", *_labels(limits.max_labels_per_task)]), 5, ["a"]
+        ),
         "labels_seen_over_limit": lambda: declaration_json(IMAGE_TASK, 5, _labels(limits.max_labels_per_task + 1)),
         "long_labels": lambda: declaration_json(IMAGE_TASK, 5, ["a", "x" * (limits.max_label_chars + 1)]),
     }
     with running_server(["honest", "bloater", "other", "third"], config) as h:
-        honest, bloater, other, third = h.connect("honest"), h.connect("bloater"), h.connect("other"), h.connect("third")
+        honest, bloater, other, third = (
+            h.connect("honest"),
+            h.connect("bloater"),
+            h.connect("other"),
+            h.connect("third"),
+        )
         honest.join_task(IMAGE_TASK, 10, ["a", "b"])
         state_before = h.state_bytes()
         verdicts = {name: _refusal(functools.partial(_join_with, bloater, make)) for name, make in variants.items()}
@@ -153,21 +184,36 @@ def label_bloat(labels: int = 700_000, cjk_labels: int = 620_002, config: Federa
         honest.download(1)
         payload = sum(t.numel() * 4 for tensors in honest.values.values() for t in tensors.values())
         phase = h.federation.status().phase
-    numbers: dict[str, Any] = {name: {"status": status, "reason": reason, "seconds": round(seconds, 3)}
-                               for name, (status, reason, seconds) in verdicts.items()}
-    numbers.update({"state_growth_bytes": state_after - state_before,
-                    "honest_head_labels": len(head[0]["labels"]) if head else None, "honest_round_payload_bytes": payload,
-                    "phase": phase})
-    refused = {name: status in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
-               for name, (status, _, _) in verdicts.items()}
-    return _outcome("attack: unbounded label lists", {
-        **{f"{name} refused": ok for name, ok in refused.items()},
-        "each refusal within 5 s": all(seconds < 5 for _, _, seconds in verdicts.values()),
-        "state unchanged by the refused joins": state_after == state_before,
-        "the honest silo's head keeps its 2 labels": numbers["honest_head_labels"] == 2,
-        "the federation started": phase == "training",
-    }, numbers, "refused: " + ", ".join(f"{name} ({reason}, {seconds:.2f}s)" for name, (_, reason, seconds)
-                                        in verdicts.items()) + f"; honest head {numbers['honest_head_labels']} labels")
+    numbers: dict[str, Any] = {
+        name: {"status": status, "reason": reason, "seconds": round(seconds, 3)}
+        for name, (status, reason, seconds) in verdicts.items()
+    }
+    numbers.update(
+        {
+            "state_growth_bytes": state_after - state_before,
+            "honest_head_labels": len(head[0]["labels"]) if head else None,
+            "honest_round_payload_bytes": payload,
+            "phase": phase,
+        }
+    )
+    refused = {
+        name: status in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+        for name, (status, _, _) in verdicts.items()
+    }
+    return _outcome(
+        "attack: unbounded label lists",
+        {
+            **{f"{name} refused": ok for name, ok in refused.items()},
+            "each refusal within 5 s": all(seconds < 5 for _, _, seconds in verdicts.values()),
+            "state unchanged by the refused joins": state_after == state_before,
+            "the honest silo's head keeps its 2 labels": numbers["honest_head_labels"] == 2,
+            "the federation started": phase == "training",
+        },
+        numbers,
+        "refused: "
+        + ", ".join(f"{name} ({reason}, {seconds:.2f}s)" for name, (_, reason, seconds) in verdicts.items())
+        + f"; honest head {numbers['honest_head_labels']} labels",
+    )
 
 
 # -------------------------------------------------------------- 3. blocking the start
@@ -181,16 +227,22 @@ def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
         a, hostile, b, c = h.connect("honest-a"), h.connect("hostile"), h.connect("honest-b"), h.connect("honest-c")
         a.join_task(IMAGE_TASK, 10, ["neg", "pos"])
         conflict = _refusal(lambda: hostile.join_task(dict(IMAGE_TASK, labels=["x", "y"]), 10, ["x"]))
-        honest_joins = [_refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"])),
-                        _refusal(lambda: c.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"]))]
+        honest_joins = [
+            _refusal(lambda: b.join_task(TEXT_TASK, 6, ["good", "bad"])),
+            _refusal(lambda: c.join_task(dict(TEXT_TASK, name="notes"), 6, ["x", "y"])),
+        ]
         honest_ok = all(verdict[0] == "OK" for verdict in honest_joins)
         status = h.federation.status()
-        numbers["conflicting_labels"] = {"hostile": conflict[:2], "honest": [v[:2] for v in honest_joins],
-                                         "phase": status.phase,
-                                         "joined": list(status.joined)}
+        numbers["conflicting_labels"] = {
+            "hostile": conflict[:2],
+            "honest": [v[:2] for v in honest_joins],
+            "phase": status.phase,
+            "joined": list(status.joined),
+        }
     # (b) its own task with one label: the start would fail; the honest last joiner is accepted, the holder refused
-    with running_server(["honest-a", "hostile", "honest-b"], with_config(config, expected_silos=3,
-                                                                          deadlines={"join_s": 2.0})) as h:
+    with running_server(
+        ["honest-a", "hostile", "honest-b"], with_config(config, expected_silos=3, deadlines={"join_s": 2.0})
+    ) as h:
         a, hostile, b = h.connect("honest-a"), h.connect("hostile"), h.connect("honest-b")
         a.join_task(IMAGE_TASK, 10, ["neg", "pos"])
         lonely = dict(TEXT_TASK, name="lonely")
@@ -199,18 +251,29 @@ def start_blocking(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome:
         rejoin = _refusal(lambda: hostile.join_task(lonely, 10, ["only"]))
         started = h.wait_for(lambda: h.federation.status().phase == "training", timeout=10)
         status = h.federation.status()
-        numbers["incomplete_task"] = {"hostile_join": hostile_first[:2], "honest_last_join": last[:2],
-                                      "hostile_rejoin": rejoin[:2], "phase": status.phase, "joined": list(status.joined)}
+        numbers["incomplete_task"] = {
+            "hostile_join": hostile_first[:2],
+            "honest_last_join": last[:2],
+            "hostile_rejoin": rejoin[:2],
+            "phase": status.phase,
+            "joined": list(status.joined),
+        }
     conflicting, incomplete = numbers["conflicting_labels"], numbers["incomplete_task"]
-    return _outcome("attack: start blocking", {
-        "a conflicting label list is refused to its sender": conflict[1] == "tasks_conflict",
-        "the honest silos' joins are accepted and start the federation": honest_ok and conflicting["phase"] == "training",
-        "the honest silos are the federation": conflicting["joined"] == ["honest-a", "honest-b", "honest-c"],
-        "with a one-label task, the honest last joiner is accepted": last[0] == "OK",
-        "the holder of the one-label task is refused when it joins again": rejoin[1] == "tasks_conflict",
-        "the honest silos start at the join deadline": started and incomplete["joined"] == ["honest-a", "honest-b"],
-    }, numbers, f"conflicting labels: hostile {conflict[1]}, honest joins {'OK' if honest_ok else 'refused'}, phase {conflicting['phase']}; "
-                f"one-label task: honest join {last[0]}, hostile re-join {rejoin[1]}, phase {incomplete['phase']}")
+    return _outcome(
+        "attack: start blocking",
+        {
+            "a conflicting label list is refused to its sender": conflict[1] == "tasks_conflict",
+            "the honest silos' joins are accepted and start the federation": honest_ok
+            and conflicting["phase"] == "training",
+            "the honest silos are the federation": conflicting["joined"] == ["honest-a", "honest-b", "honest-c"],
+            "with a one-label task, the honest last joiner is accepted": last[0] == "OK",
+            "the holder of the one-label task is refused when it joins again": rejoin[1] == "tasks_conflict",
+            "the honest silos start at the join deadline": started and incomplete["joined"] == ["honest-a", "honest-b"],
+        },
+        numbers,
+        f"conflicting labels: hostile {conflict[1]}, honest joins {'OK' if honest_ok else 'refused'}, phase {conflicting['phase']}; "
+        f"one-label task: honest join {last[0]}, hostile re-join {rejoin[1]}, phase {incomplete['phase']}",
+    )
 
 
 # -------------------------------------------------------------------- 4. poisoning
@@ -244,8 +307,12 @@ def poisoning(config: FederationConfig = TINY_CONFIG, max_weight_share: float = 
         closed = h.wait_for(lambda: h.federation.status().phase == "finishing", timeout=10)
         after = h.federation.global_values()
         error = max(float((after[c][n] - t).abs().max()) for c, ts in trained.items() for n, t in ts.items())
-        numbers["gross"] = {"poison": refused[:2], "round_closed": closed, "max_abs_global": max(
-            float(t.abs().max()) for ts in after.values() for t in ts.values()), "max_diff_from_honest": error}
+        numbers["gross"] = {
+            "poison": refused[:2],
+            "round_closed": closed,
+            "max_abs_global": max(float(t.abs().max()) for ts in after.values() for t in ts.values()),
+            "max_diff_from_honest": error,
+        }
     # (b) within the norm bound, with 1e9 samples: the capped share of the aggregate, against the uncapped one
     shares = {}
     for share in (None, max_weight_share):
@@ -264,15 +331,20 @@ def poisoning(config: FederationConfig = TINY_CONFIG, max_weight_share: float = 
             numbers["weights_capped_total"] = h.daemon.metrics.registry.get_sample_value("tap_weights_capped_total")
     numbers["poisoner_share"] = shares
     gross = numbers["gross"]
-    return _outcome("attack: poisoning", {
-        "1e30 update refused as update_norm": refused[1] == "update_norm",
-        "the round closed with the honest update": gross["round_closed"],
-        "the aggregate is the honest update": gross["max_diff_from_honest"] == 0.0,
-        f"capped, the poisoner pulls at most {max_weight_share} of the way": shares[str(max_weight_share)]
-        <= max_weight_share + 1e-3,
-    }, numbers, f"1e30 poison: {refused[1]}; aggregate = honest update (max diff {gross['max_diff_from_honest']:g}); "
-                f"poisoner's pull within the bound: {shares['None']:.3f} uncapped, "
-                f"{shares[str(max_weight_share)]:.3f} with max_weight_share {max_weight_share}")
+    return _outcome(
+        "attack: poisoning",
+        {
+            "1e30 update refused as update_norm": refused[1] == "update_norm",
+            "the round closed with the honest update": gross["round_closed"],
+            "the aggregate is the honest update": gross["max_diff_from_honest"] == 0.0,
+            f"capped, the poisoner pulls at most {max_weight_share} of the way": shares[str(max_weight_share)]
+            <= max_weight_share + 1e-3,
+        },
+        numbers,
+        f"1e30 poison: {refused[1]}; aggregate = honest update (max diff {gross['max_diff_from_honest']:g}); "
+        f"poisoner's pull within the bound: {shares['None']:.3f} uncapped, "
+        f"{shares[str(max_weight_share)]:.3f} with max_weight_share {max_weight_share}",
+    )
 
 
 # --------------------------------------------------------------------- 5. slowloris
@@ -315,19 +387,35 @@ def slowloris(stallers: int = 4, idle_s: float = 2.0, config: FederationConfig =
         ended_s = time.perf_counter() - opened
         release.set()
         codes = sorted({f.exception().code().name if f.done() and f.exception() else "open" for f in stalled})
-        headed_codes = sorted({reason_of(f.exception()) or f.exception().code().name if f.done() and f.exception()
-                               else "open" for f in headed})
+        headed_codes = sorted(
+            {
+                reason_of(f.exception()) or f.exception().code().name if f.done() and f.exception() else "open"
+                for f in headed
+            }
+        )
         idle_cuts = h.rejected("stream_idle")
-    numbers = {"stallers": stallers, "idle_s": idle_s, "honest_upload_s": round(upload_s, 3), "honest_upload": ack[0],
-               "stalled_ended_after_s": round(ended_s, 2), "stalled_status": codes, "headed_status": headed_codes,
-               "stream_idle_counted": idle_cuts}
-    return _outcome("attack: slowloris", {
-        "the honest upload is accepted at once": ack[0] == "OK" and upload_s < 5.0,
-        "stalled uploads are cut at the idle timeout": codes == ["DEADLINE_EXCEEDED"] and ended_s < idle_s + 5,
-        "uploads of silos not selected are refused before any slot": headed_codes == ["not_selected"],
-        "each cut counted": idle_cuts >= stallers,
-    }, numbers, f"{stallers} stalled uploads: honest upload {ack[0]} in {upload_s:.2f}s; stalled ones cut "
-                f"({', '.join(codes)}) after {ended_s:.1f}s; header-then-nothing ones {', '.join(headed_codes)}")
+    numbers = {
+        "stallers": stallers,
+        "idle_s": idle_s,
+        "honest_upload_s": round(upload_s, 3),
+        "honest_upload": ack[0],
+        "stalled_ended_after_s": round(ended_s, 2),
+        "stalled_status": codes,
+        "headed_status": headed_codes,
+        "stream_idle_counted": idle_cuts,
+    }
+    return _outcome(
+        "attack: slowloris",
+        {
+            "the honest upload is accepted at once": ack[0] == "OK" and upload_s < 5.0,
+            "stalled uploads are cut at the idle timeout": codes == ["DEADLINE_EXCEEDED"] and ended_s < idle_s + 5,
+            "uploads of silos not selected are refused before any slot": headed_codes == ["not_selected"],
+            "each cut counted": idle_cuts >= stallers,
+        },
+        numbers,
+        f"{stallers} stalled uploads: honest upload {ack[0]} in {upload_s:.2f}s; stalled ones cut "
+        f"({', '.join(codes)}) after {ended_s:.1f}s; header-then-nothing ones {', '.join(headed_codes)}",
+    )
 
 
 # ----------------------------------------------------------------- 6. unbounded strings
@@ -355,8 +443,13 @@ def unbounded_strings(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome
             silo.download(1)  # the final model (FINISH 1)
 
         def result(task: dict[str, Any], **overrides: Any) -> str:
-            entry = {"silo": "ignored", "task": task["name"], "kind": "classification", "metrics": {"accuracy": 0.5},
-                     "primary": 0.5}
+            entry = {
+                "silo": "ignored",
+                "task": task["name"],
+                "kind": "classification",
+                "metrics": {"accuracy": 0.5},
+                "primary": 0.5,
+            }
             entry.update(overrides)
             return json.dumps({"tasks": [entry]})
 
@@ -376,16 +469,26 @@ def unbounded_strings(config: FederationConfig = TINY_CONFIG) -> ScenarioOutcome
         done = h.wait_for(lambda: (h.state_dir / "report.json").exists(), timeout=10)
         report_bytes = (h.state_dir / "report.json").stat().st_size if done else None
         state_bytes = (h.state_dir / "state.json").stat().st_size
-    numbers: dict[str, Any] = {name: {"status": status, "reason": reason} for name, (status, reason, _) in verdicts.items()}
+    numbers: dict[str, Any] = {
+        name: {"status": status, "reason": reason} for name, (status, reason, _) in verdicts.items()
+    }
     numbers.update({"report_json_bytes": report_bytes, "state_json_bytes": state_bytes})
-    return _outcome("attack: unbounded strings", {
-        **{f"{name} refused": status in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
-           for name, (status, _, _) in verdicts.items()},
-        "the federation finished": done,
-        "report.json under 100 KB": report_bytes is not None and report_bytes < 100_000,
-        "state.json under 100 KB": state_bytes < 100_000,
-    }, numbers, "refused: " + ", ".join(f"{name} ({reason})" for name, (_, reason, _) in verdicts.items())
-                + f"; report.json {report_bytes} bytes, state.json {state_bytes} bytes")
+    return _outcome(
+        "attack: unbounded strings",
+        {
+            **{
+                f"{name} refused": status in ("RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "INVALID_ARGUMENT")
+                for name, (status, _, _) in verdicts.items()
+            },
+            "the federation finished": done,
+            "report.json under 100 KB": report_bytes is not None and report_bytes < 100_000,
+            "state.json under 100 KB": state_bytes < 100_000,
+        },
+        numbers,
+        "refused: "
+        + ", ".join(f"{name} ({reason})" for name, (_, reason, _) in verdicts.items())
+        + f"; report.json {report_bytes} bytes, state.json {state_bytes} bytes",
+    )
 
 
 # ------------------------------------------------------------ 7. numbers JSON cannot hold
@@ -398,21 +501,33 @@ def malformed_numbers(depth: int = 100_000, config: FederationConfig = TINY_CONF
         honest, hostile = h.connect("honest"), h.connect("hostile")
         good = json.loads(declaration_json(TEXT_TASK, 5, ["neg", "pos"]))
         texts = {
-            "Infinity": json.dumps(good).replace('"train_samples": {"reviews": 5}', '"train_samples": {"reviews": Infinity}'),
+            "Infinity": json.dumps(good).replace(
+                '"train_samples": {"reviews": 5}', '"train_samples": {"reviews": Infinity}'
+            ),
             "NaN": json.dumps(good).replace('"train_samples": {"reviews": 5}', '"train_samples": {"reviews": NaN}'),
             "1e400": json.dumps(good).replace('"train_samples": {"reviews": 5}', '"train_samples": {"reviews": 1e400}'),
-            "10**400": json.dumps(good).replace('"train_samples": {"reviews": 5}',
-                                                '"train_samples": {"reviews": 1' + "0" * 400 + "}"),
+            "10**400": json.dumps(good).replace(
+                '"train_samples": {"reviews": 5}', '"train_samples": {"reviews": 1' + "0" * 400 + "}"
+            ),
             "nested": "[" * depth + "]" * depth,
             "nested_in_object": '{"tasks": ' + "[" * depth + "]" * depth + "}",
         }
         verdicts = {f"join_{name}": _refusal(functools.partial(hostile.join, text)) for name, text in texts.items()}
         results = {name: text for name, text in texts.items() if name != "10**400"}
         results["1e400"] = '{"tasks": [], "seconds": 1e400}'
-        verdicts.update({f"results_{name}": _refusal(functools.partial(
-            hostile.stub.ReportResults, pb.ResultsRequest(results_json=text), timeout=RPC_TIMEOUT))
-            for name, text in results.items()})
-        raw = hostile.channel.unary_unary("/tap.v1.Federation/Join", request_serializer=None, response_deserializer=None)
+        verdicts.update(
+            {
+                f"results_{name}": _refusal(
+                    functools.partial(
+                        hostile.stub.ReportResults, pb.ResultsRequest(results_json=text), timeout=RPC_TIMEOUT
+                    )
+                )
+                for name, text in results.items()
+            }
+        )
+        raw = hostile.channel.unary_unary(
+            "/tap.v1.Federation/Join", request_serializer=None, response_deserializer=None
+        )
         verdicts["join_not_protobuf"] = _refusal(lambda: raw(b"\xff\xff\xff\xff\x0f", timeout=RPC_TIMEOUT))
         honest.join_task(IMAGE_TASK, 10, ["a", "b"])
         hostile.join_task(TEXT_TASK, 5, ["neg", "pos"])
@@ -426,14 +541,24 @@ def malformed_numbers(depth: int = 100_000, config: FederationConfig = TINY_CONF
         status = h.federation.status()
     numbers: dict[str, Any] = {name: {"status": s, "reason": r} for name, (s, r, _) in verdicts.items()}
     numbers.update({"internal_errors": internal, "received": list(status.received)})
-    expected = {name: ("RESOURCE_EXHAUSTED", "oversize") if name == "frame_over_max_message_bytes"
-                else ("INVALID_ARGUMENT", "malformed") for name in verdicts}
-    return _outcome("attack: numbers JSON cannot hold", {
-        **{f"{name}: {want[0]} {want[1]}": verdicts[name][:2] == want for name, want in expected.items()},
-        "no INTERNAL answer": internal == 0,
-        "nothing reached the round": status.received == (),
-    }, numbers, f"{len(verdicts)} malformed requests: " + ", ".join(sorted({f'{s} {r}' for s, r, _ in verdicts.values()}))
-                + f"; internal errors {int(internal)}")
+    expected = {
+        name: ("RESOURCE_EXHAUSTED", "oversize")
+        if name == "frame_over_max_message_bytes"
+        else ("INVALID_ARGUMENT", "malformed")
+        for name in verdicts
+    }
+    return _outcome(
+        "attack: numbers JSON cannot hold",
+        {
+            **{f"{name}: {want[0]} {want[1]}": verdicts[name][:2] == want for name, want in expected.items()},
+            "no INTERNAL answer": internal == 0,
+            "nothing reached the round": status.received == (),
+        },
+        numbers,
+        f"{len(verdicts)} malformed requests: "
+        + ", ".join(sorted({f"{s} {r}" for s, r, _ in verdicts.values()}))
+        + f"; internal errors {int(internal)}",
+    )
 
 
 # ------------------------------------------------------------- 8. revocation ends streams
@@ -475,18 +600,31 @@ def revocation_ends_streams(config: FederationConfig = TINY_CONFIG) -> ScenarioO
         closed = h.wait_for(lambda: h.federation.status().phase != "training", timeout=10)
         closed_s = time.perf_counter() - uploaded
         history = h.federation.report()["history"]
-    numbers = {"ended_after_s": round(ended_s, 2), "status": code, "details": details[:200], "open_uploads": open_uploads,
-               "revoked_counted": counted, "honest_hello": honest_ok, "round_closed_after_honest_upload_s":
-               round(closed_s, 2) if closed else None, "round_refused": history[-1].get("refused") if history else None}
-    return _outcome("attack: revoked silo's open stream", {
-        "the open upload ended with PERMISSION_DENIED": code == "PERMISSION_DENIED" and "revoked" in details,
-        "within 5 s of the revocation": ended_s < 5,
-        "no call of the revoked silo left open": open_uploads == 0,
-        "the honest silo is unaffected": honest_ok == "OK",
-        "the round closes on the honest update without waiting for the revoked silo":
-            closed and closed_s < 5 and numbers["round_refused"] == {"rogue": "revoked"},
-    }, numbers, f"revoked silo's stalled upload ended {code} {ended_s:.2f}s after the revocation; the round closed "
-                f"{closed_s:.2f}s after the honest upload")
+    numbers = {
+        "ended_after_s": round(ended_s, 2),
+        "status": code,
+        "details": details[:200],
+        "open_uploads": open_uploads,
+        "revoked_counted": counted,
+        "honest_hello": honest_ok,
+        "round_closed_after_honest_upload_s": round(closed_s, 2) if closed else None,
+        "round_refused": history[-1].get("refused") if history else None,
+    }
+    return _outcome(
+        "attack: revoked silo's open stream",
+        {
+            "the open upload ended with PERMISSION_DENIED": code == "PERMISSION_DENIED" and "revoked" in details,
+            "within 5 s of the revocation": ended_s < 5,
+            "no call of the revoked silo left open": open_uploads == 0,
+            "the honest silo is unaffected": honest_ok == "OK",
+            "the round closes on the honest update without waiting for the revoked silo": closed
+            and closed_s < 5
+            and numbers["round_refused"] == {"rogue": "revoked"},
+        },
+        numbers,
+        f"revoked silo's stalled upload ended {code} {ended_s:.2f}s after the revocation; the round closed "
+        f"{closed_s:.2f}s after the honest upload",
+    )
 
 
 ATTACKS: dict[str, Callable[..., ScenarioOutcome]] = {
@@ -516,6 +654,7 @@ def run_all(quick: bool = False) -> list[ScenarioOutcome]:
         try:
             outcomes.append(attack(**(QUICK.get(name, {}) if quick else {})))
         except Exception as exc:  # noqa: BLE001 - a crashed attack is a failed scenario, with what happened
-            outcomes.append(ScenarioOutcome(f"attack: {name}", False, f"the attack itself failed: {type(exc).__name__}: {exc}"))
+            outcomes.append(
+                ScenarioOutcome(f"attack: {name}", False, f"the attack itself failed: {type(exc).__name__}: {exc}")
+            )
     return outcomes
-

@@ -37,10 +37,20 @@ from tap_testing.proxy import FaultProxy
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # what subprocesses must import (this checkout, not another)
 
-SHAPES = {"name": "shapes", "kind": "classification", "modalities": ["image"], "family": "image_classification",
-          "domain": "general"}
-REVIEWS = {"name": "reviews", "kind": "classification", "modalities": ["text"], "family": "text_classification",
-           "domain": "general"}
+SHAPES = {
+    "name": "shapes",
+    "kind": "classification",
+    "modalities": ["image"],
+    "family": "image_classification",
+    "domain": "general",
+}
+REVIEWS = {
+    "name": "reviews",
+    "kind": "classification",
+    "modalities": ["text"],
+    "family": "text_classification",
+    "domain": "general",
+}
 #: silo -> (task, seed of its data): alpha and gamma share the image task, so their updates are averaged
 SILOS: dict[str, tuple[dict[str, Any], int]] = {"alpha": (SHAPES, 0), "beta": (REVIEWS, 1), "gamma": (SHAPES, 2)}
 
@@ -50,8 +60,9 @@ FAULT_CONFIG = FederationConfig(
     rounds=2,
     seed=0,
     model=ModelSpec(size="tiny"),
-    train=TrainConfig(local_steps=2, ft_steps=1, kd_steps=1, batch_size=4, eval_batch_size=16, max_val_examples=8,
-                      threads=1),
+    train=TrainConfig(
+        local_steps=2, ft_steps=1, kd_steps=1, batch_size=4, eval_batch_size=16, max_val_examples=8, threads=1
+    ),
     # small frames: every tensor stream is several frames, so "mid-stream" exists
     wire=WireConfig(chunk_bytes=64 * 1024, max_message_bytes=1024 * 1024),
     deadlines=Deadlines(join_s=600, round_s=600, finish_s=600, heartbeat_s=1.0),
@@ -82,10 +93,19 @@ def write_data(directory: Path, task: dict[str, Any], seed: int, examples: int =
         writer.writerow(["review", "verdict"])
         for i in range(examples):
             good = bool(rng.integers(0, 2))
-            writer.writerow([f"review {i}: {'wonderful and moving' if good else 'dull and far too long'}",
-                             "fresh" if good else "rotten"])
-    return {"format": "csv", "path": "data.csv", "text_column": "review", "label_column": "verdict",
-            "test_fraction": 0.2}
+            writer.writerow(
+                [
+                    f"review {i}: {'wonderful and moving' if good else 'dull and far too long'}",
+                    "fresh" if good else "rotten",
+                ]
+            )
+    return {
+        "format": "csv",
+        "path": "data.csv",
+        "text_column": "review",
+        "label_column": "verdict",
+        "test_fraction": 0.2,
+    }
 
 
 @dataclass
@@ -105,9 +125,16 @@ class Cluster(FederationDirs):
     # ------------------------------------------------------------ set-up
 
     @classmethod
-    def create(cls, root: Path, config: FederationConfig = FAULT_CONFIG,
-               silos: dict[str, tuple[dict[str, Any], int]] | None = None, *, data: bool = True,
-               metrics: bool = False, max_retry_delay_s: float | None = None) -> "Cluster":
+    def create(
+        cls,
+        root: Path,
+        config: FederationConfig = FAULT_CONFIG,
+        silos: dict[str, tuple[dict[str, Any], int]] | None = None,
+        *,
+        data: bool = True,
+        metrics: bool = False,
+        max_retry_delay_s: float | None = None,
+    ) -> "Cluster":
         """Kits and federation.yaml for ``silos``; with ``data``, each silo's data and silo.yaml (agents need
         them, light silos do not); with ``metrics``, the server exports Prometheus metrics; ``max_retry_delay_s``
         caps the agents' backoff (tests: a restarted server is found in seconds)."""
@@ -140,22 +167,43 @@ class Cluster(FederationDirs):
 
     def _spawn(self, command: list[str], log_name: str, env: dict[str, str] | None) -> subprocess.Popen:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("TAP_FAULT_")}
-        full_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
-            [str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
+        full_env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            }
+        )
         full_env.update(env or {})
         with open(self.logs / f"{log_name}.log", "ab") as log:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')} {sorted((env or {}).items())}\n".encode())
             log.flush()
             return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
 
-    def start_server(self, fault: str | None = None, env: dict[str, str] | None = None,
-                     wait_healthy: bool = True) -> subprocess.Popen:
+    def start_server(
+        self, fault: str | None = None, env: dict[str, str] | None = None, wait_healthy: bool = True
+    ) -> subprocess.Popen:
         from tap_cli.demo import wait_healthy as healthy
 
-        command = [sys.executable, "-m", "tap_testing.faults", "tap-server", "serve", "--kit", str(self.kits / "server"),
-                   "--config", str(self.federation_yaml), "--listen", f"127.0.0.1:{self.port}", "--state",
-                   str(self.state), "--metrics-port", str(self.metrics_port or -1), "--health-port", str(self.health_port),
-                   "--exit-when-done"]
+        command = [
+            sys.executable,
+            "-m",
+            "tap_testing.faults",
+            "tap-server",
+            "serve",
+            "--kit",
+            str(self.kits / "server"),
+            "--config",
+            str(self.federation_yaml),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state",
+            str(self.state),
+            "--metrics-port",
+            str(self.metrics_port or -1),
+            "--health-port",
+            str(self.health_port),
+            "--exit-when-done",
+        ]
         self.server = self._spawn(command, "server", {**({"TAP_FAULT_POINT": fault} if fault else {}), **(env or {})})
         self.server_starts += 1
         if wait_healthy:
@@ -164,9 +212,23 @@ class Cluster(FederationDirs):
 
     def start_agent(self, silo: str, fault: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
         address = self.proxy.address if self.proxy is not None else f"127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "tap_testing.faults", "tap-client", "run", "--kit", str(self.kits / silo),
-                   "--server", address, "--config", str(self.silo_yaml(silo)), "--state", str(self.client_state(silo)),
-                   "--threads", "1"]
+        command = [
+            sys.executable,
+            "-m",
+            "tap_testing.faults",
+            "tap-client",
+            "run",
+            "--kit",
+            str(self.kits / silo),
+            "--server",
+            address,
+            "--config",
+            str(self.silo_yaml(silo)),
+            "--state",
+            str(self.client_state(silo)),
+            "--threads",
+            "1",
+        ]
         knobs = {"TAP_FAULT_POINT": fault} if fault else {}
         if self.max_retry_delay_s is not None:
             knobs["TAP_FAULT_MAX_RETRY_DELAY_S"] = str(self.max_retry_delay_s)
@@ -284,9 +346,13 @@ def compare(cluster: Cluster, reference: Reference, tolerance: float = 1e-5) -> 
     return compare_run(cluster.report(), cluster.final_values(), reference, agents, tolerance)
 
 
-def compare_run(report: dict[str, Any], values: ComponentValues, reference: Reference,
-                agent_metrics: dict[tuple[str, str], dict[str, float]] | None = None,
-                tolerance: float = 1e-5) -> tuple[bool, str, dict[str, float]]:
+def compare_run(
+    report: dict[str, Any],
+    values: ComponentValues,
+    reference: Reference,
+    agent_metrics: dict[tuple[str, str], dict[str, float]] | None = None,
+    tolerance: float = 1e-5,
+) -> tuple[bool, str, dict[str, float]]:
     """A finished federation against ``reference``: (verdict, what differs, the largest gaps)."""
     problems: list[str] = []
     model_gap = 0.0
@@ -315,4 +381,8 @@ def compare_run(report: dict[str, Any], values: ComponentValues, reference: Refe
     if metric_gap > tolerance:
         problems.append(f"metrics differ by up to {metric_gap:.3g}")
     numbers = {"model_max_abs_diff": model_gap, "metrics_max_abs_diff": metric_gap}
-    return not problems, "; ".join(problems) or "final global model and every silo's metrics equal the reference", numbers
+    return (
+        not problems,
+        "; ".join(problems) or "final global model and every silo's metrics equal the reference",
+        numbers,
+    )

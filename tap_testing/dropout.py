@@ -34,34 +34,48 @@ def _wait(predicate, timeout: float) -> bool:
     return True
 
 
-def vanished_silo(root: Path, silos: int = 4, rounds: int = 2, round_s: float = 4.0, retry: bool = False,
-                  timeout_s: float = 300.0) -> ScenarioOutcome:
+def vanished_silo(
+    root: Path, silos: int = 4, rounds: int = 2, round_s: float = 4.0, retry: bool = False, timeout_s: float = 300.0
+) -> ScenarioOutcome:
     names = [f"silo{i}" for i in range(silos)]
     victim = names[-1]
     deadlines = dataclasses.replace(LOAD_CONFIG.deadlines, round_s=round_s, finish_s=round_s)
-    config = dataclasses.replace(LOAD_CONFIG, rounds=rounds, min_clients=silos if retry else silos - 1,
-                                 deadlines=deadlines)
+    config = dataclasses.replace(
+        LOAD_CONFIG, rounds=rounds, min_clients=silos if retry else silos - 1, deadlines=deadlines
+    )
     cluster = Cluster.create(root, config, {name: (IMAGE_TASK, 0) for name in names}, data=False)
     fingerprint = fingerprint_of(config)
     shifts = {silo: 0.01 * (i + 1) for i, silo in enumerate(names)}
     address = f"127.0.0.1:{cluster.port}"
-    name = (f"a silo dies after downloading round 1 and {'returns after the deadline (round retried)' if retry else 'never returns'}"
-            f" ({silos} silos, {round_s:.0f}s round deadline)")
+    name = (
+        f"a silo dies after downloading round 1 and {'returns after the deadline (round retried)' if retry else 'never returns'}"
+        f" ({silos} silos, {round_s:.0f}s round deadline)"
+    )
     checks: dict[str, bool] = {}
     numbers: dict = {"silos": silos, "rounds": rounds, "round_s": round_s, "min_clients": config.min_clients}
     started = time.monotonic()
     with cluster:
         cluster.start_server()
-        threads = {silo: LightSilo(cluster.kits / silo, address, fingerprint, shift=shifts[silo],
-                                   vanish_after=1 if silo == victim else None) for silo in names}
+        threads = {
+            silo: LightSilo(
+                cluster.kits / silo,
+                address,
+                fingerprint,
+                shift=shifts[silo],
+                vanish_after=1 if silo == victim else None,
+            )
+            for silo in names
+        }
         for thread in threads.values():
             thread.start()
         threads[victim].join(timeout=timeout_s)
-        checks["the victim vanished after downloading round 1"] = (threads[victim].record.first_values is not None
-                                                                   and not threads[victim].record.rounds)
+        checks["the victim vanished after downloading round 1"] = (
+            threads[victim].record.first_values is not None and not threads[victim].record.rounds
+        )
         if retry:
             checks["the server says the round is retried, naming the missing silo"] = _wait(
-                lambda: f"none from {victim}); retrying the round" in cluster.log("server"), timeout_s)
+                lambda: f"none from {victim}); retrying the round" in cluster.log("server"), timeout_s
+            )
             threads[victim] = LightSilo(cluster.kits / victim, address, fingerprint, shift=shifts[victim])
             threads[victim].start()
         honest = [t for silo, t in threads.items() if retry or silo != victim]

@@ -34,9 +34,15 @@ from tap_testing.volume import FILLER, StateVolume
 
 #: the server's kill points in an order one federation reaches them (tap_testing.faults.POINTS)
 SERVER_CHAIN = ["join:2", "download:2", "upload:2", "update:1", "aggregate:1", "state_write:1", "result:1"]
-PHASES = {"join": "waiting for joins", "download": "streaming out", "upload": "mid-upload",
-          "update": "mid-aggregation (partial sums)", "aggregate": "mid-aggregation (round close)",
-          "state_write": "during the state write", "result": "during stage 2"}
+PHASES = {
+    "join": "waiting for joins",
+    "download": "streaming out",
+    "upload": "mid-upload",
+    "update": "mid-aggregation (partial sums)",
+    "aggregate": "mid-aggregation (round close)",
+    "state_write": "during the state write",
+    "result": "during stage 2",
+}
 RUN_TIMEOUT_S = 900.0
 
 
@@ -45,8 +51,9 @@ def _prepared(root: Path, reference: Reference | None, retry_s: float | None) ->
     return cluster, reference or reference_run(cluster, root / "reference-state")
 
 
-def _finish(name: str, cluster: Cluster, reference: Reference, started: float, checks: dict[str, bool],
-            numbers: dict) -> ScenarioOutcome:
+def _finish(
+    name: str, cluster: Cluster, reference: Reference, started: float, checks: dict[str, bool], numbers: dict
+) -> ScenarioOutcome:
     codes = cluster.wait_all(RUN_TIMEOUT_S)
     numbers["exit_codes"] = codes
     numbers["seconds"] = round(time.monotonic() - started, 1)
@@ -58,8 +65,9 @@ def _finish(name: str, cluster: Cluster, reference: Reference, started: float, c
     return ScenarioOutcome.from_checks(name, checks, numbers, detail, when_failed=f". Log tails: {logs}")
 
 
-def server_kills(root: Path, points: list[str] | None = None, reference: Reference | None = None,
-                 retry_s: float | None = None) -> ScenarioOutcome:
+def server_kills(
+    root: Path, points: list[str] | None = None, reference: Reference | None = None, retry_s: float | None = None
+) -> ScenarioOutcome:
     """SIGKILL the server at each of ``points`` in turn (restarting it on the same state dir after each)."""
     points = list(points or SERVER_CHAIN)
     name = "server SIGKILL " + ", ".join(PHASES.get(p.split(":")[0], p) for p in points)
@@ -83,8 +91,9 @@ def server_kills(root: Path, points: list[str] | None = None, reference: Referen
         return _finish(name, cluster, reference, started, checks, numbers)
 
 
-def agent_kills(root: Path, victims: dict[str, str] | None = None, reference: Reference | None = None,
-                retry_s: float | None = None) -> ScenarioOutcome:
+def agent_kills(
+    root: Path, victims: dict[str, str] | None = None, reference: Reference | None = None, retry_s: float | None = None
+) -> ScenarioOutcome:
     """SIGKILL agents at their points (default: one mid-training, one mid-upload), restart them, finish."""
     victims = victims or {"alpha": "train:1", "beta": "upload_frame:2"}
     name = "agent SIGKILL " + ", ".join(f"{silo} at {point}" for silo, point in victims.items())
@@ -101,8 +110,10 @@ def agent_kills(root: Path, victims: dict[str, str] | None = None, reference: Re
             checks[f"{silo} died at {point}"] = code == -9 and cluster.killed(silo) == 1
             cluster.start_agent(silo)
         outcome = _finish(name, cluster, reference, started, checks, numbers)
-    resumed = {silo: "resumed local state" in cluster.log(silo) or "re-sending the saved update" in cluster.log(silo)
-               for silo in victims}
+    resumed = {
+        silo: "resumed local state" in cluster.log(silo) or "re-sending the saved update" in cluster.log(silo)
+        for silo in victims
+    }
     numbers["resumed_from_disk"] = resumed
     return outcome
 
@@ -150,8 +161,13 @@ def network_faults(root: Path, reference: Reference | None = None, retry_s: floa
     return outcome
 
 
-def silent_training(root: Path, train_sleep_s: float = 8.0, idle_timeout_s: float = 3.0,
-                    reference: Reference | None = None, retry_s: float | None = None) -> ScenarioOutcome:
+def silent_training(
+    root: Path,
+    train_sleep_s: float = 8.0,
+    idle_timeout_s: float = 3.0,
+    reference: Reference | None = None,
+    retry_s: float | None = None,
+) -> ScenarioOutcome:
     """Every training pass of every agent lasts ``train_sleep_s`` longer (silent local work) while a proxy drops
     connections idle for ``idle_timeout_s``: heartbeats and keepalive keep them up, so no call is retried."""
     name = f"silent local training ({train_sleep_s:.0f}s per pass) behind a {idle_timeout_s:.0f}s idle timeout"
@@ -167,19 +183,26 @@ def silent_training(root: Path, train_sleep_s: float = 8.0, idle_timeout_s: floa
             cluster.start_agent(silo, env={"TAP_FAULT_TRAIN_SLEEP_S": str(train_sleep_s)})
         outcome = _finish(name, cluster, reference, started, checks, numbers)
         numbers["proxy"] = proxy.stats().to_json()
-    retries: dict[str, int] = {silo: len(re.findall(r"failed \(.*\); retrying", cluster.log(silo)))
-                               for silo in cluster.silos}
+    retries: dict[str, int] = {
+        silo: len(re.findall(r"failed \(.*\); retrying", cluster.log(silo))) for silo in cluster.silos
+    }
     numbers["retried_calls"] = retries
     if outcome.passed and (sum(retries.values()) > 0 or numbers["proxy"]["idle_closed"]):
         outcome.passed = False
-        outcome.detail = (f"FAILED: connections were lost during silent training ({numbers['proxy']['idle_closed']} "
-                          f"closed idle, retried calls {retries})")
+        outcome.detail = (
+            f"FAILED: connections were lost during silent training ({numbers['proxy']['idle_closed']} "
+            f"closed idle, retried calls {retries})"
+        )
     return outcome
 
 
-
-def agent_disk_full(root: Path, silo: str = "alpha", after_writes: int = 4, reference: Reference | None = None,
-                    retry_s: float | None = None) -> ScenarioOutcome:
+def agent_disk_full(
+    root: Path,
+    silo: str = "alpha",
+    after_writes: int = 4,
+    reference: Reference | None = None,
+    retry_s: float | None = None,
+) -> ScenarioOutcome:
     """``silo``'s state dir fills up (ENOSPC from its ``after_writes``-th file write on): the agent stops with a clear
     error naming its state dir (exit 2, not a crash); restarted on the same dir once there is space, it resumes
     and the federation ends as an uninterrupted run."""
@@ -197,9 +220,11 @@ def agent_disk_full(root: Path, silo: str = "alpha", after_writes: int = 4, refe
         numbers["exit_code"], numbers["error"] = code, message[:300]
         checks["the agent stops with exit 2"] = code == 2
         checks["saying it cannot write its state dir, and that the previous state is intact"] = (
-            str(cluster.client_state(silo)) in message and "intact" in message)
+            str(cluster.client_state(silo)) in message and "intact" in message
+        )
         cluster.start_agent(silo)
         return _finish(name, cluster, reference, started, checks, numbers)
+
 
 # ------------------------------------------------------------ the state volume (in process: no gRPC needed)
 
@@ -208,8 +233,9 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and p.name != FILLER}
 
 
-def state_volume_fault(root: Path, kind: str = "full", real: bool | None = None,
-                       reference: Reference | None = None) -> ScenarioOutcome:
+def state_volume_fault(
+    root: Path, kind: str = "full", real: bool | None = None, reference: Reference | None = None
+) -> ScenarioOutcome:
     """The state volume fills up (``kind="full"``) or goes read-only (``"read_only"``) when round 2 closes.
 
     Held when: the upload that closes the round gets a clear, retryable refusal naming the state directory;
@@ -238,8 +264,10 @@ def state_volume_fault(root: Path, kind: str = "full", real: bool | None = None,
         for silo in federation.status().selected:  # round 1, uneventful
             federation.submit_update(algorithm.local_round(runtimes[silo], 1, federation.payload(silo, 1).values))
         before = _files(volume.path)
-        updates = {silo: algorithm.local_round(runtimes[silo], 2, federation.payload(silo, 2).values)
-                   for silo in federation.status().selected}
+        updates = {
+            silo: algorithm.local_round(runtimes[silo], 2, federation.payload(silo, 2).values)
+            for silo in federation.status().selected
+        }
         error: Exception | None = None
         with volume.full() if kind == "full" else volume.read_only():
             try:
@@ -249,14 +277,17 @@ def state_volume_fault(root: Path, kind: str = "full", real: bool | None = None,
                 error = exc
             numbers["error"] = f"{type(error).__name__}: {error}" if error else None
             checks["the failed write is refused clearly (retryable, naming the state dir)"] = (
-                isinstance(error, Rejected) and error.reason == "unavailable" and str(volume.path) in str(error))
+                isinstance(error, Rejected) and error.reason == "unavailable" and str(volume.path) in str(error)
+            )
             checks["the previous state is intact on disk"] = _files(volume.path) == before
             assignments = {silo: federation.assignment(silo).action for silo in runtimes}
             numbers["assignments_while_unwritable"] = assignments
             checks["nothing unsaved is handed out"] = set(assignments.values()) == {"wait"} and _refused(
-                lambda: federation.payload(next(iter(runtimes)), 2))
+                lambda: federation.payload(next(iter(runtimes)), 2)
+            )
             checks["a restart meanwhile refuses to start, saying why"] = _refused(
-                lambda: Federation(config, state_dir=volume.path, expected_silos=len(runtimes)), TapError)
+                lambda: Federation(config, state_dir=volume.path, expected_silos=len(runtimes)), TapError
+            )
             federation.tick()  # still unwritable: no crash, still waiting
             checks["still waiting while unwritable"] = federation.assignment(next(iter(runtimes))).action == "wait"
         restarted = Federation(config, state_dir=volume.path, expected_silos=len(runtimes)).status()
@@ -289,8 +320,9 @@ def unwritable_state_dir(root: Path, real: bool | None = None) -> ScenarioOutcom
             error = exc
     clear = isinstance(error, TapError) and str(volume.path) in str(error) and "writ" in str(error)
     detail = f"refused at start: {error}" if clear else f"FAILED: started anyway or unclear ({error!r})"
-    return ScenarioOutcome(f"unwritable state dir at start ({how})", clear, detail,
-                           {"error": str(error) if error else None})
+    return ScenarioOutcome(
+        f"unwritable state dir at start ({how})", clear, detail, {"error": str(error) if error else None}
+    )
 
 
 def _refused(call: Callable[[], object], error: type[Exception] | None = None) -> bool:

@@ -130,7 +130,12 @@ def install_point(spec: str) -> None:
     elif point == "state_write":
         import tap_core.store as store
 
-        _after(store, "atomic_save_tensors", trigger, when=lambda path, *a, **k: os.path.basename(path).startswith("state-"))
+        _after(
+            store,
+            "atomic_save_tensors",
+            trigger,
+            when=lambda path, *a, **k: os.path.basename(path).startswith("state-"),
+        )
     elif point == "download":
         from tap_server.servicer import FederationServicer
 
@@ -175,8 +180,9 @@ def slow_training(seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def disk_full(after: int = 1, only: Callable[[str], bool] = lambda path: True,
-              error: int = errno.ENOSPC) -> Iterator[dict[str, int]]:
+def disk_full(
+    after: int = 1, only: Callable[[str], bool] = lambda path: True, error: int = errno.ENOSPC
+) -> Iterator[dict[str, int]]:
     """Within the block, the ``after``-th atomic write (``tap_core.store.atomic_file``) whose target passes
     ``only`` and every later one fail with ``error`` (ENOSPC: a disk that filled up; EROFS: a volume gone
     read-only) once their bytes are written.
@@ -233,8 +239,10 @@ COMMANDS = {"tap-server": "tap_server.cli", "tap-client": "tap_client.cli"}
 
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m tap_testing.faults {{{'|'.join(COMMANDS)}}} ARGS...  "
-                         f"(with {ENV_POINT}=point:N; points: {', '.join(POINTS)})")
+        raise SystemExit(
+            f"usage: python -m tap_testing.faults {{{'|'.join(COMMANDS)}}} ARGS...  "
+            f"(with {ENV_POINT}=point:N; points: {', '.join(POINTS)})"
+        )
     import importlib
 
     cli = importlib.import_module(COMMANDS[argv[0]])

@@ -80,14 +80,35 @@ class FuzzCounts:
 # ------------------------------------------------------------------ strategies
 
 FLOATS = st.floats(allow_nan=True, allow_infinity=True)
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
-                         st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                                st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                           max_leaves=12)
-SPECIAL_TEXTS = ["", "null", "[]", "{}", "Infinity", "-Infinity", "NaN", "1e400", "1" + "0" * 400, '"x"',
-                 "[" * 50_000 + "]" * 50_000, '{"a": ' * 5_000 + "1" + "}" * 5_000, '"\\ud800"', "{\"tasks\": [",
-                 '{"tasks": [{"name": "x"}]} trailing']
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+SPECIAL_TEXTS = [
+    "",
+    "null",
+    "[]",
+    "{}",
+    "Infinity",
+    "-Infinity",
+    "NaN",
+    "1e400",
+    "1" + "0" * 400,
+    '"x"',
+    "[" * 50_000 + "]" * 50_000,
+    '{"a": ' * 5_000 + "1" + "}" * 5_000,
+    '"\\ud800"',
+    '{"tasks": [',
+    '{"tasks": [{"name": "x"}]} trailing',
+]
 
 
 def _json_text(value: Any) -> str:
@@ -126,7 +147,9 @@ def _mutated(draw: Callable, value: Any, depth: int = 0) -> Any:
         else:
             items[index] = _blown_up(draw, value[index])
         return items
-    return draw(st.one_of(JSON_VALUES, st.sampled_from([float("inf"), float("nan"), -1, 0, 2 ** 64, 1e308, "", "é" * 300])))
+    return draw(
+        st.one_of(JSON_VALUES, st.sampled_from([float("inf"), float("nan"), -1, 0, 2**64, 1e308, "", "é" * 300]))
+    )
 
 
 def _blown_up(draw: Callable, value: Any) -> Any:
@@ -163,9 +186,11 @@ def json_documents(base: dict[str, Any]) -> st.SearchStrategy[str]:
 REQUEST_FIELDS = {  # well-formed messages with extreme field values
     "HelloRequest": st.builds(pb.HelloRequest, client_version=st.text(max_size=300)),
     "PollRequest": st.builds(pb.PollRequest, wait_s=FLOATS),
-    "HeartbeatRequest": st.builds(pb.HeartbeatRequest, round=st.integers(0, 2 ** 32 - 1), activity=st.text(max_size=300)),
-    "DownloadRequest": st.builds(pb.DownloadRequest, round=st.one_of(st.integers(0, 3), st.integers(0, 2 ** 32 - 1))),
-    "JoinRequest": st.builds(pb.JoinRequest, declaration_json=st.text(max_size=64), client_version=st.text(max_size=64)),
+    "HeartbeatRequest": st.builds(pb.HeartbeatRequest, round=st.integers(0, 2**32 - 1), activity=st.text(max_size=300)),
+    "DownloadRequest": st.builds(pb.DownloadRequest, round=st.one_of(st.integers(0, 3), st.integers(0, 2**32 - 1))),
+    "JoinRequest": st.builds(
+        pb.JoinRequest, declaration_json=st.text(max_size=64), client_version=st.text(max_size=64)
+    ),
     "ResultsRequest": st.builds(pb.ResultsRequest, results_json=st.text(max_size=64)),
 }
 
@@ -283,11 +308,20 @@ class Target:
             for silo in ("alpha", "beta"):
                 self.upload_honest(silo)
 
-    def frames(self, silo: str, values: ComponentValues | None = None, chunk_bytes: int = 16 * 1024) -> list[pb.TensorFrame]:
+    def frames(
+        self, silo: str, values: ComponentValues | None = None, chunk_bytes: int = 16 * 1024
+    ) -> list[pb.TensorFrame]:
         payload = self.payloads[silo]
         samples = {"alpha": ALPHA[2], "beta": BETA[2]}[silo]
-        return list(encode_stream(values or self.honest[silo], payload.layout, self.config.wire.dtype, chunk_bytes,
-                                  StreamInfo(1, '{"task_losses": {}}', {c: float(samples) for c in payload.layout})))
+        return list(
+            encode_stream(
+                values or self.honest[silo],
+                payload.layout,
+                self.config.wire.dtype,
+                chunk_bytes,
+                StreamInfo(1, '{"task_losses": {}}', {c: float(samples) for c in payload.layout}),
+            )
+        )
 
     def upload_honest(self, silo: str) -> None:
         context = FakeContext(silo)
@@ -302,15 +336,24 @@ class Target:
         for component, tensors in current.items():
             holders = [silo for silo in ("alpha", "beta") if component in self.honest[silo]]
             total = sum(weights[s] for s in holders)
-            out[component] = {name: torch.stack([self.honest[s][component][name].double() * weights[s] for s in holders])
-                              .sum(0).div(total).float() for name in tensors}
+            out[component] = {
+                name: torch.stack([self.honest[s][component][name].double() * weights[s] for s in holders])
+                .sum(0)
+                .div(total)
+                .float()
+                for name in tensors
+            }
         return out
 
     def round_fingerprint(self) -> tuple:
         status = self.federation.status()
         values = self.federation.global_values()
-        return status.phase, status.round, status.received, sum(float(t.double().sum()) for ts in values.values()
-                                                               for t in ts.values())
+        return (
+            status.phase,
+            status.round,
+            status.received,
+            sum(float(t.double().sum()) for ts in values.values() for t in ts.values()),
+        )
 
 
 def _answer(context: FakeContext) -> tuple[str, str]:
@@ -319,7 +362,9 @@ def _answer(context: FakeContext) -> tuple[str, str]:
     return (code.name if code is not None else "OK"), reason
 
 
-def _call(counts: FuzzCounts, handler: str, call: Callable[[FakeContext], Any], context: FakeContext) -> tuple[str, Any]:
+def _call(
+    counts: FuzzCounts, handler: str, call: Callable[[FakeContext], Any], context: FakeContext
+) -> tuple[str, Any]:
     """Run one case: its status name (OK, or the refusal's) and the handler's answer."""
     answer = None
     try:
@@ -341,8 +386,13 @@ def _call(counts: FuzzCounts, handler: str, call: Callable[[FakeContext], Any], 
 
 def _run(strategy: st.SearchStrategy, case: Callable[[Any], None], cases: int, seed: int) -> None:
     @hypothesis_seed(seed)
-    @settings(max_examples=cases, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(strategy)
     def run(example: Any) -> None:
         case(example)
@@ -392,7 +442,7 @@ def fuzz_codec(counts: FuzzCounts, cases: int, seed: int) -> None:
         dtype = draw(st.sampled_from(["fp32", "bf16", "fp16"]))
         shapes = draw(st.lists(st.lists(st.integers(0, 9), min_size=0, max_size=3), min_size=1, max_size=4))
         chunk = draw(st.sampled_from([1, 7, 64, 4096]))
-        return dtype, {"shapes": shapes, "chunk": chunk, "seed": draw(st.integers(0, 2 ** 16))}
+        return dtype, {"shapes": shapes, "chunk": chunk, "seed": draw(st.integers(0, 2**16))}
 
     def roundtrip(example: tuple[str, dict]) -> None:
         dtype, spec = example
@@ -418,8 +468,25 @@ def fuzz_codec(counts: FuzzCounts, cases: int, seed: int) -> None:
 def _mutate_frames(draw: Callable, frames: list[bytes], max_bytes: int) -> list[bytes]:
     """One mutation of a serialised stream: reorder, drop, duplicate, cut, flip, rewrite a field, pad, garbage."""
     frames = list(frames)
-    how = draw(st.sampled_from(["drop", "duplicate", "swap", "truncate", "flip", "field", "field", "field", "empty",
-                                "second_header", "garbage", "oversize", "extend"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "drop",
+                "duplicate",
+                "swap",
+                "truncate",
+                "flip",
+                "field",
+                "field",
+                "field",
+                "empty",
+                "second_header",
+                "garbage",
+                "oversize",
+                "extend",
+            ]
+        )
+    )
     i = draw(st.integers(0, len(frames) - 1)) if frames else 0
     if not frames or how == "garbage":
         frames.insert(i, draw(st.binary(max_size=64)))
@@ -458,8 +525,8 @@ def _mutate_frames(draw: Callable, frames: list[bytes], max_bytes: int) -> list[
     return frames
 
 
-UINT32 = st.one_of(st.integers(0, 4), st.integers(0, 2 ** 32 - 1))
-UINT64 = st.one_of(st.integers(0, 4), st.integers(0, 2 ** 64 - 1))
+UINT32 = st.one_of(st.integers(0, 4), st.integers(0, 2**32 - 1))
+UINT64 = st.one_of(st.integers(0, 4), st.integers(0, 2**64 - 1))
 
 
 def _mutate_header(draw: Callable, header: pb.StreamHeader) -> None:
@@ -493,12 +560,28 @@ def _mutate_header(draw: Callable, header: pb.StreamHeader) -> None:
         else:
             header.weights[key] = draw(FLOATS)
     else:
-        header.stats_json = draw(json_documents({"task_losses": {"shapes": 0.5}, "personal_losses": {},
-                                                 "replacements": [{"round": 1, "task": "shapes", "global_loss": 0.5,
-                                                                   "personal_loss": None, "margin": 0.01,
-                                                                   "components": ["head.shapes"]}],
-                                                 "train_seconds": 1.0, "samples_seen": 10, "scores": {},
-                                                 "scores_round": 0}))
+        header.stats_json = draw(
+            json_documents(
+                {
+                    "task_losses": {"shapes": 0.5},
+                    "personal_losses": {},
+                    "replacements": [
+                        {
+                            "round": 1,
+                            "task": "shapes",
+                            "global_loss": 0.5,
+                            "personal_loss": None,
+                            "margin": 0.01,
+                            "components": ["head.shapes"],
+                        }
+                    ],
+                    "train_seconds": 1.0,
+                    "samples_seen": 10,
+                    "scores": {},
+                    "scores_round": 0,
+                }
+            )
+        )
 
 
 def _mutate_piece(draw: Callable, piece: pb.TensorPiece) -> None:
@@ -511,7 +594,7 @@ def _mutate_piece(draw: Callable, piece: pb.TensorPiece) -> None:
         piece.dtype = draw(st.integers(0, 7))
     elif what == "shape":
         del piece.shape[:]
-        piece.shape.extend(draw(st.lists(st.integers(-(2 ** 63), 2 ** 63 - 1), max_size=4)))
+        piece.shape.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4)))
     elif what == "crc32":
         piece.crc32 = draw(UINT32)
     else:
@@ -527,10 +610,15 @@ def fuzz_handlers(counts: FuzzCounts, cases: int, seed: int, config: FederationC
     unary = {
         "Hello": (pb.HelloRequest, pb.HelloRequest(client_version="0.1.0"), lambda t: t.servicer.Hello),
         "Poll": (pb.PollRequest, pb.PollRequest(wait_s=0.0), lambda t: t.servicer.Poll),
-        "Heartbeat": (pb.HeartbeatRequest, pb.HeartbeatRequest(round=1, activity="training"), lambda t: t.servicer.Heartbeat),
+        "Heartbeat": (
+            pb.HeartbeatRequest,
+            pb.HeartbeatRequest(round=1, activity="training"),
+            lambda t: t.servicer.Heartbeat,
+        ),
         "Download": (pb.DownloadRequest, pb.DownloadRequest(round=1), lambda t: t.servicer.Download),
     }
     for offset, (handler, (message, valid, method)) in enumerate(unary.items()):
+
         def case(example: tuple[bytes, str], message=message, method=method, handler=handler) -> None:
             raw, silo = example
             request = safe_deserializer(message.FromString, max_bytes)(raw)
@@ -564,16 +652,31 @@ def fuzz_join(counts: FuzzCounts, cases: int, seed: int, config: FederationConfi
 
 def fuzz_results(counts: FuzzCounts, cases: int, seed: int, config: FederationConfig) -> None:
     target = Target(config, phase="finishing")
-    base = {"silo": "alpha", "tasks": [{"silo": "alpha", "task": "shapes", "kind": "classification",
-                                        "metrics": {"accuracy": 0.5}, "primary": 0.5, "steps": 3, "baseline": 0.5,
-                                        "test_examples": 10}],
-            "kd_losses": {"shapes": 0.1}, "stage1_metrics": {"shapes": {"accuracy": 0.4}}, "seconds": 1.0}
+    base = {
+        "silo": "alpha",
+        "tasks": [
+            {
+                "silo": "alpha",
+                "task": "shapes",
+                "kind": "classification",
+                "metrics": {"accuracy": 0.5},
+                "primary": 0.5,
+                "steps": 3,
+                "baseline": 0.5,
+                "test_examples": 10,
+            }
+        ],
+        "kd_losses": {"shapes": 0.1},
+        "stage1_metrics": {"shapes": {"accuracy": 0.4}},
+        "seconds": 1.0,
+    }
 
     def case(text: str) -> None:
         nonlocal target
         request = pb.ResultsRequest(results_json=text)
-        status, _ = _call(counts, "ReportResults", lambda ctx: target.servicer.ReportResults(request, ctx),
-                          FakeContext("alpha"))
+        status, _ = _call(
+            counts, "ReportResults", lambda ctx: target.servicer.ReportResults(request, ctx), FakeContext("alpha")
+        )
         if status == "OK":  # a variant that is still valid: record it, and start again from a fresh federation
             target = Target(config, phase="finishing")
 
@@ -601,8 +704,12 @@ def fuzz_upload(counts: FuzzCounts, cases: int, seed: int, config: FederationCon
         target = state["target"]
         before = target.round_fingerprint()
         target.submitted.clear()
-        status, _ = _call(counts, "Upload", lambda ctx: target.servicer.Upload(iter([parse(f) for f in frames]), ctx),
-                          FakeContext("alpha"))
+        status, _ = _call(
+            counts,
+            "Upload",
+            lambda ctx: target.servicer.Upload(iter([parse(f) for f in frames]), ctx),
+            FakeContext("alpha"),
+        )
         if status != "OK":
             if target.round_fingerprint() != before:
                 counts.fail("aggregate_corruptions", "Upload", f"a refused upload ({status}) changed the round")
@@ -627,8 +734,9 @@ def _contradictory_upload(draw: Callable, target: Target) -> list[bytes]:
     name = draw(st.sampled_from(sorted(values[component])))
     weights = {c: float(ALPHA[2]) for c in values}
     stats, round_index = '{"task_losses": {}}', 1
-    how = draw(st.sampled_from(["nan", "inf", "huge", "scaled", "weight", "weights_missing", "weight_extra", "stats",
-                                "round"]))
+    how = draw(
+        st.sampled_from(["nan", "inf", "huge", "scaled", "weight", "weights_missing", "weight_extra", "stats", "round"])
+    )
     tensor = values[component][name]
     if how in ("nan", "inf") and tensor.numel():
         tensor.view(-1)[draw(st.integers(0, tensor.numel() - 1))] = float(how) * draw(st.sampled_from([1, -1]))
@@ -646,10 +754,15 @@ def _contradictory_upload(draw: Callable, target: Target) -> list[bytes]:
     elif how == "stats":
         stats = json.dumps({"task_losses": {draw(st.text(max_size=10).filter(lambda k: k != "shapes")): 0.5}})
     else:
-        round_index = draw(st.integers(0, 2 ** 32 - 1).filter(lambda r: r != 1))
+        round_index = draw(st.integers(0, 2**32 - 1).filter(lambda r: r != 1))
     layout = target.payloads["alpha"].layout
-    frames = encode_stream(values, layout, target.config.wire.dtype, draw(st.sampled_from([4096, 65536])),
-                           StreamInfo(round_index, stats, weights))
+    frames = encode_stream(
+        values,
+        layout,
+        target.config.wire.dtype,
+        draw(st.sampled_from([4096, 65536])),
+        StreamInfo(round_index, stats, weights),
+    )
     return [f.SerializeToString() for f in frames]
 
 
@@ -678,25 +791,34 @@ def fuzz_over_grpc(counts: FuzzCounts, cases: int, seed: int, config: Federation
         beta.download(1)
         honest = shifted(alpha.values, 0.001)
         valid_upload = [f.SerializeToString() for f in alpha.frames(honest)]
-        requests = {"Hello": pb.HelloRequest(client_version="x"), "Join": pb.JoinRequest(declaration_json="{}"),
-                    "Poll": pb.PollRequest(wait_s=0), "Heartbeat": pb.HeartbeatRequest(round=1),
-                    "ReportResults": pb.ResultsRequest(results_json="{}"), "Download": pb.DownloadRequest(round=1)}
+        requests = {
+            "Hello": pb.HelloRequest(client_version="x"),
+            "Join": pb.JoinRequest(declaration_json="{}"),
+            "Poll": pb.PollRequest(wait_s=0),
+            "Heartbeat": pb.HeartbeatRequest(round=1),
+            "ReportResults": pb.ResultsRequest(results_json="{}"),
+            "Download": pb.DownloadRequest(round=1),
+        }
         declaration = json.loads(json.dumps(_declaration(*ALPHA).to_json()))
         accepted = False
         for handler, valid in requests.items():
             streaming = handler == "Download"
             call = (h.connect("gamma").channel.unary_stream if streaming else gamma.channel.unary_unary)(
-                f"/tap.v1.Federation/{handler}", request_serializer=None, response_deserializer=None)
+                f"/tap.v1.Federation/{handler}", request_serializer=None, response_deserializer=None
+            )
 
             def case(raw: bytes, handler=handler, call=call, streaming=streaming) -> None:
                 _grpc_case(counts, handler, lambda: list(call(raw, timeout=15)) if streaming else call(raw, timeout=15))
 
             strategy = message_bytes(valid, config.wire.max_message_bytes)
             if handler == "Join":
-                strategy = json_documents(declaration).map(lambda t: pb.JoinRequest(declaration_json=t).SerializeToString())
-            _run(strategy, case, cases, rng.randrange(2 ** 31))
-        upload = alpha.channel.stream_unary("/tap.v1.Federation/Upload", request_serializer=None,
-                                            response_deserializer=None)
+                strategy = json_documents(declaration).map(
+                    lambda t: pb.JoinRequest(declaration_json=t).SerializeToString()
+                )
+            _run(strategy, case, cases, rng.randrange(2**31))
+        upload = alpha.channel.stream_unary(
+            "/tap.v1.Federation/Upload", request_serializer=None, response_deserializer=None
+        )
 
         @st.composite
         def uploads(draw: Callable) -> list[bytes]:
@@ -712,9 +834,11 @@ def fuzz_over_grpc(counts: FuzzCounts, cases: int, seed: int, config: Federation
             if status == "OK":
                 accepted = True
             elif h.federation.status().received != before:
-                counts.fail("aggregate_corruptions", "Upload", f"a refused upload ({status}) over gRPC changed the round")
+                counts.fail(
+                    "aggregate_corruptions", "Upload", f"a refused upload ({status}) over gRPC changed the round"
+                )
 
-        _run(uploads(), upload_case, cases, rng.randrange(2 ** 31))
+        _run(uploads(), upload_case, cases, rng.randrange(2**31))
         if not accepted:
             alpha.upload(honest)
         beta.upload()
@@ -722,11 +846,15 @@ def fuzz_over_grpc(counts: FuzzCounts, cases: int, seed: int, config: Federation
         for component, tensors in alpha.values.items():
             for name in tensors:
                 shared = component in beta.layout
-                want = (honest[component][name].double() * 10 + (beta.values[component][name].double() * 6 if shared else 0)) \
-                    / (16 if shared else 10)
+                want = (
+                    honest[component][name].double() * 10 + (beta.values[component][name].double() * 6 if shared else 0)
+                ) / (16 if shared else 10)
                 if float((after[component][name].double() - want).abs().max()) > 1e-6:
-                    counts.fail("aggregate_corruptions", "Upload", f"over gRPC the round closed on another aggregate "
-                                                                   f"({component}/{name})")
+                    counts.fail(
+                        "aggregate_corruptions",
+                        "Upload",
+                        f"over gRPC the round closed on another aggregate ({component}/{name})",
+                    )
                     return
 
 
@@ -748,8 +876,12 @@ def _grpc_case(counts: FuzzCounts, handler: str, call: Callable[[], Any]) -> str
 # -------------------------------------------------------------------- the campaign
 
 
-def run_campaign(cases_per_handler: int | None = None, grpc_cases: int | None = None, seed: int = 0,
-                 config: FederationConfig = TINY_CONFIG) -> FuzzCounts:
+def run_campaign(
+    cases_per_handler: int | None = None,
+    grpc_cases: int | None = None,
+    seed: int = 0,
+    config: FederationConfig = TINY_CONFIG,
+) -> FuzzCounts:
     """The whole campaign: the codec and every handler in process (``cases_per_handler`` each), then over mTLS."""
     cases = cases_per_handler if cases_per_handler is not None else cases_from_env()
     through_grpc = grpc_cases if grpc_cases is not None else max(5, cases // 20)

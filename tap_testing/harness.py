@@ -44,10 +44,20 @@ TINY_CONFIG = FederationConfig(
     deadlines=Deadlines(join_s=300, round_s=300, finish_s=300, heartbeat_s=1.0),
 )
 
-IMAGE_TASK = {"name": "shapes", "kind": "classification", "modalities": ["image"], "family": "image_classification",
-              "domain": "general"}
-TEXT_TASK = {"name": "reviews", "kind": "classification", "modalities": ["text"], "family": "text_classification",
-             "domain": "general"}
+IMAGE_TASK = {
+    "name": "shapes",
+    "kind": "classification",
+    "modalities": ["image"],
+    "family": "image_classification",
+    "domain": "general",
+}
+TEXT_TASK = {
+    "name": "reviews",
+    "kind": "classification",
+    "modalities": ["text"],
+    "family": "text_classification",
+    "domain": "general",
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,12 +67,18 @@ def fingerprint(model: ModelSpec = TINY_CONFIG.model) -> str:
     return build_backbone(model).fingerprint
 
 
-def declaration_json(task: dict[str, Any], samples: int, labels_seen: list[str], model: ModelSpec = TINY_CONFIG.model,
-                     **fields: Any) -> str:
+def declaration_json(
+    task: dict[str, Any], samples: int, labels_seen: list[str], model: ModelSpec = TINY_CONFIG.model, **fields: Any
+) -> str:
     """A silo's declaration of one task, as the agent would send it (``fields`` override or add keys)."""
-    data = {"silo": "ignored: the certificate names the silo", "tasks": [task], "train_samples": {task["name"]: samples},
-            "labels_seen": {task["name"]: labels_seen} if task["kind"] == "classification" else {},
-            "fingerprint": fingerprint(model), "device": "cpu"}
+    data = {
+        "silo": "ignored: the certificate names the silo",
+        "tasks": [task],
+        "train_samples": {task["name"]: samples},
+        "labels_seen": {task["name"]: labels_seen} if task["kind"] == "classification" else {},
+        "fingerprint": fingerprint(model),
+        "device": "cpu",
+    }
     data.update(fields)
     return json.dumps(data)
 
@@ -105,13 +121,26 @@ class Silo:
         self.values = decoder.finish()
         return self.values
 
-    def frames(self, values: ComponentValues | None = None, round_index: int = 1, stats_json: str = "{}",
-               weights: dict[str, float] | None = None, dtype: str = "fp32",
-               chunk_bytes: int = 16 * 1024) -> list[pb.TensorFrame]:
+    def frames(
+        self,
+        values: ComponentValues | None = None,
+        round_index: int = 1,
+        stats_json: str = "{}",
+        weights: dict[str, float] | None = None,
+        dtype: str = "fp32",
+        chunk_bytes: int = 16 * 1024,
+    ) -> list[pb.TensorFrame]:
         """An upload of ``values`` (default: what it downloaded) with its declared weights."""
         weights = {c: float(self.samples) for c in self.layout} if weights is None else weights
-        return list(encode_stream(values if values is not None else self.values, self.layout, dtype, chunk_bytes,
-                                  StreamInfo(round_index, stats_json, weights)))
+        return list(
+            encode_stream(
+                values if values is not None else self.values,
+                self.layout,
+                dtype,
+                chunk_bytes,
+                StreamInfo(round_index, stats_json, weights),
+            )
+        )
 
     def upload(self, values: ComponentValues | None = None, round_index: int = 1, **kwargs: Any) -> pb.UploadAck:
         return self.stub.Upload(iter(self.frames(values, round_index, **kwargs)), timeout=RPC_TIMEOUT)
@@ -131,8 +160,15 @@ class Harness:
         self.kits = root / "kits"
         provision(self.kits, silos, ["127.0.0.1"])
         self.config = config
-        serve = ServeOptions(kit=self.kits / "server", listen="127.0.0.1:0", state_dir=root / "state", metrics_port=None,
-                             health_port=0, done_grace_s=5.0, **options)
+        serve = ServeOptions(
+            kit=self.kits / "server",
+            listen="127.0.0.1:0",
+            state_dir=root / "state",
+            metrics_port=None,
+            health_port=0,
+            done_grace_s=5.0,
+            **options,
+        )
         self.daemon = ServerDaemon(config, serve).start()
         self._silos: list[Silo] = []
 
@@ -146,8 +182,9 @@ class Harness:
 
     def credentials(self, silo: str) -> grpc.ChannelCredentials:
         kit = self.kits / silo
-        return grpc.ssl_channel_credentials((kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(),
-                                            (kit / "client.crt").read_bytes())
+        return grpc.ssl_channel_credentials(
+            (kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(), (kit / "client.crt").read_bytes()
+        )
 
     def connect(self, silo: str) -> Silo:
         channel = grpc.secure_channel(self.address, self.credentials(silo))

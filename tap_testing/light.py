@@ -38,8 +38,13 @@ from tap_core.wire import StreamDecoder, StreamInfo, encode_frames, layout_from_
 
 log = logging.getLogger(__name__)
 
-IMAGE_TASK = {"name": "shapes", "kind": "classification", "modalities": ["image"], "family": "image_classification",
-              "domain": "general"}
+IMAGE_TASK = {
+    "name": "shapes",
+    "kind": "classification",
+    "modalities": ["image"],
+    "family": "image_classification",
+    "domain": "general",
+}
 LABELS = ["circle", "square", "triangle"]
 POLL_WAIT_S = 10.0
 
@@ -63,8 +68,18 @@ class SiloLog:
 
 
 class LightSilo(threading.Thread):
-    def __init__(self, kit: Path, address: str, fingerprint: str, *, shift: float, samples: int = 10,
-                 task: dict[str, Any] = IMAGE_TASK, vanish_after: int | None = None, give_up_after_s: float = 600.0):
+    def __init__(
+        self,
+        kit: Path,
+        address: str,
+        fingerprint: str,
+        *,
+        shift: float,
+        samples: int = 10,
+        task: dict[str, Any] = IMAGE_TASK,
+        vanish_after: int | None = None,
+        give_up_after_s: float = 600.0,
+    ):
         self.kit = load_kit(kit)
         super().__init__(name=f"light-{self.kit.silo}", daemon=True)
         self.connection = Connection(self.kit, address, give_up_after_s=give_up_after_s)
@@ -100,7 +115,8 @@ class LightSilo(threading.Thread):
         self._join()
         while not self.stopped.is_set():
             assignment = self.connection.call(
-                "poll", lambda s: s.Poll(pb.PollRequest(wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + 30))
+                "poll", lambda s: s.Poll(pb.PollRequest(wait_s=POLL_WAIT_S), timeout=POLL_WAIT_S + 30)
+            )
             if assignment.action == pb.Assignment.WAIT and assignment.message == NOT_JOINED:
                 self._join()
             elif assignment.action == pb.Assignment.TRAIN:
@@ -112,9 +128,16 @@ class LightSilo(threading.Thread):
                 return
 
     def _join(self) -> None:
-        declaration = json.dumps({"silo": self.silo, "tasks": [self.task], "train_samples": {self.task["name"]: self.samples},
-                                  "labels_seen": {self.task["name"]: LABELS}, "fingerprint": self.fingerprint,
-                                  "device": "cpu"})
+        declaration = json.dumps(
+            {
+                "silo": self.silo,
+                "tasks": [self.task],
+                "train_samples": {self.task["name"]: self.samples},
+                "labels_seen": {self.task["name"]: LABELS},
+                "fingerprint": self.fingerprint,
+                "device": "cpu",
+            }
+        )
         self.connection.call("join", lambda s: s.Join(pb.JoinRequest(declaration_json=declaration), timeout=60))
 
     def _download(self, round_index: int, layout: Layout) -> ComponentValues:
@@ -155,11 +178,23 @@ class LightSilo(threading.Thread):
     def _finish(self, assignment: pb.Assignment) -> None:
         self.record.final_values = self._download(assignment.round, layout_from_proto(assignment.layout))
         score = 0.5 + self.shift
-        result = {"silo": self.silo, "tasks": [{"silo": self.silo, "task": self.task["name"], "kind": self.task["kind"],
-                                                "metrics": {"accuracy": score}, "primary": score}]}
+        result = {
+            "silo": self.silo,
+            "tasks": [
+                {
+                    "silo": self.silo,
+                    "task": self.task["name"],
+                    "kind": self.task["kind"],
+                    "metrics": {"accuracy": score},
+                    "primary": score,
+                }
+            ],
+        }
         try:
-            self.connection.call("report results", lambda s: s.ReportResults(
-                pb.ResultsRequest(results_json=json.dumps(result)), timeout=60))
+            self.connection.call(
+                "report results",
+                lambda s: s.ReportResults(pb.ResultsRequest(results_json=json.dumps(result)), timeout=60),
+            )
         except Refused as exc:
             if exc.reason not in MOVED_ON:
                 raise

@@ -144,27 +144,45 @@ def _hostile_channel(cluster: Cluster, silo: str, fingerprint: str) -> grpc.Chan
     import json
 
     kit = cluster.kits / silo
-    credentials = grpc.ssl_channel_credentials((kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(),
-                                               (kit / "client.crt").read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        (kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(), (kit / "client.crt").read_bytes()
+    )
     channel = grpc.secure_channel(f"127.0.0.1:{cluster.port}", credentials)
     stub = pb_grpc.FederationStub(channel)
-    declaration = {"silo": silo, "tasks": [IMAGE_TASK], "train_samples": {IMAGE_TASK["name"]: 10},
-                   "labels_seen": {IMAGE_TASK["name"]: ["circle", "square", "triangle"]}, "fingerprint": fingerprint}
+    declaration = {
+        "silo": silo,
+        "tasks": [IMAGE_TASK],
+        "train_samples": {IMAGE_TASK["name"]: 10},
+        "labels_seen": {IMAGE_TASK["name"]: ["circle", "square", "triangle"]},
+        "fingerprint": fingerprint,
+    }
     stub.Hello(pb.HelloRequest(client_version="hostile"), timeout=30)
     stub.Join(pb.JoinRequest(declaration_json=json.dumps(declaration)), timeout=60)
     return channel
 
 
-def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = False, round_s: float | None = None,
-             timeout_s: float = 900.0, rss_growth_mb: float = 25.0, flood_polls: int = FLOOD_POLLS) -> ScenarioOutcome:
+def load_run(
+    root: Path,
+    silos: int = 64,
+    rounds: int = 5,
+    attackers: bool = False,
+    round_s: float | None = None,
+    timeout_s: float = 900.0,
+    rss_growth_mb: float = 25.0,
+    flood_polls: int = FLOOD_POLLS,
+) -> ScenarioOutcome:
     """``silos`` concurrent silo connections for ``rounds`` rounds (two of them hostile with ``attackers``)."""
     hostile = ["flooder", "staller"] if attackers else []
     honest = [f"silo{i:02d}" for i in range(silos - len(hostile))]
-    deadlines = dataclasses.replace(LOAD_CONFIG.deadlines, round_s=round_s or LOAD_CONFIG.deadlines.round_s,
-                                    finish_s=round_s or LOAD_CONFIG.deadlines.finish_s)
+    deadlines = dataclasses.replace(
+        LOAD_CONFIG.deadlines,
+        round_s=round_s or LOAD_CONFIG.deadlines.round_s,
+        finish_s=round_s or LOAD_CONFIG.deadlines.finish_s,
+    )
     config = dataclasses.replace(LOAD_CONFIG, rounds=rounds, min_clients=len(honest), deadlines=deadlines)
-    cluster = Cluster.create(root, config, {name: (IMAGE_TASK, 0) for name in [*honest, *hostile]}, data=False,
-                             metrics=True)
+    cluster = Cluster.create(
+        root, config, {name: (IMAGE_TASK, 0) for name in [*honest, *hostile]}, data=False, metrics=True
+    )
     fingerprint = fingerprint_of(config)
     name = f"load: {silos} silos, {rounds} rounds" + (", one flooding Polls, one stalling uploads" if attackers else "")
     numbers: dict[str, Any] = {"silos": silos, "honest": len(honest), "rounds": rounds}
@@ -178,8 +196,10 @@ def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = Fal
         watch.start()
         started = time.monotonic()
         shifts = {silo: 0.001 * (i + 1) for i, silo in enumerate(honest)}
-        threads = [LightSilo(cluster.kits / silo, f"127.0.0.1:{cluster.port}", fingerprint, shift=shifts[silo])
-                   for silo in honest]
+        threads = [
+            LightSilo(cluster.kits / silo, f"127.0.0.1:{cluster.port}", fingerprint, shift=shifts[silo])
+            for silo in honest
+        ]
         channels = []
         try:
             if attackers:  # they join first, so the flood is on before the honest silos arrive
@@ -221,8 +241,9 @@ def load_run(root: Path, silos: int = 64, rounds: int = 5, attackers: bool = Fal
     rss = [m for r, _, m in watch.samples if r >= 2]
     if len(rss) >= 2:
         numbers["rss_growth_after_round_2_mb"] = round(max(rss) - rss[0], 1)
-        checks[f"server memory flat over rounds (< {rss_growth_mb:.0f} MB growth after round 2)"] = \
+        checks[f"server memory flat over rounds (< {rss_growth_mb:.0f} MB growth after round 2)"] = (
             numbers["rss_growth_after_round_2_mb"] < rss_growth_mb
+        )
     times = [t for r, t, _ in watch.samples if 1 <= r <= rounds + 1]
     if len(times) >= 2:
         numbers["rounds_per_s"] = round((len(times) - 1) / max(1e-9, times[-1] - times[0]), 3)

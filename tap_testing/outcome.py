@@ -16,8 +16,14 @@ class ScenarioOutcome:
     numbers: dict[str, Any] = field(default_factory=dict)  # measured values behind the verdict (seconds, MB, counts)
 
     @classmethod
-    def from_checks(cls, name: str, checks: dict[str, bool], numbers: dict[str, Any], summary: str | None = None,
-                    when_failed: str = "") -> "ScenarioOutcome":
+    def from_checks(
+        cls,
+        name: str,
+        checks: dict[str, bool],
+        numbers: dict[str, Any],
+        summary: str | None = None,
+        when_failed: str = "",
+    ) -> "ScenarioOutcome":
         """Passed when every check held; the detail lists the checks (``summary`` instead, if given), or the
         failed ones followed by ``when_failed`` (a log tail, say)."""
         failed = [what for what, ok in checks.items() if not ok]

@@ -128,6 +128,7 @@ class FaultProxy:
 
     def drop(self) -> int:
         """Reset every open connection now; returns how many."""
+
         def run() -> int:
             links = [link for link in self._links if not link.closed]
             for link in links:
@@ -139,6 +140,7 @@ class FaultProxy:
 
     def stall(self, seconds: float | None) -> None:
         """Forward nothing for ``seconds`` (None: until :meth:`resume`); connections stay open, bytes wait."""
+
         def run() -> None:
             assert self._flowing is not None
             self._flowing.clear()
@@ -153,6 +155,7 @@ class FaultProxy:
     def partition(self, seconds: float | None) -> int:
         """The server becomes unreachable for ``seconds`` (None: until :meth:`heal`): every open connection is
         reset and new ones are refused. Returns how many were reset."""
+
         def run() -> int:
             self._refusing = True
             if seconds is not None:
@@ -241,7 +244,7 @@ class FaultProxy:
                     assert self._flowing is not None
                     await self._flowing.wait()
                     piece = data[: self._piece_size()]
-                    data = data[len(piece):]
+                    data = data[len(piece) :]
                     piece, cut = self._apply_cuts(link, direction, piece)
                     writer.write(piece)
                     link.sent[direction] += len(piece)

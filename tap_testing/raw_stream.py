@@ -66,12 +66,18 @@ def serve(kit: Path, config: FederationConfig, megabytes: float, port_file: Path
     def up(request_iterator, context: grpc.ServicerContext) -> bytes:
         return str(receive_into(new_buffer(total), request_iterator)).encode()
 
-    credentials = grpc.ssl_server_credentials([((kit / "server.key").read_bytes(), (kit / "server.crt").read_bytes())],
-                                              root_certificates=(kit / "ca.crt").read_bytes(), require_client_auth=True)
-    handlers = grpc.method_handlers_generic_handler(SERVICE, {
-        "Down": grpc.unary_stream_rpc_method_handler(down),
-        "Up": grpc.stream_unary_rpc_method_handler(up),
-    })
+    credentials = grpc.ssl_server_credentials(
+        [((kit / "server.key").read_bytes(), (kit / "server.crt").read_bytes())],
+        root_certificates=(kit / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    handlers = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Down": grpc.unary_stream_rpc_method_handler(down),
+            "Up": grpc.stream_unary_rpc_method_handler(up),
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(config))
     server.add_generic_rpc_handlers((handlers,))
     port = server.add_secure_port("127.0.0.1:0", credentials)
@@ -87,8 +93,9 @@ def serve(kit: Path, config: FederationConfig, megabytes: float, port_file: Path
 
 
 def client(kit: Path, config: FederationConfig, megabytes: float, address: str) -> None:
-    credentials = grpc.ssl_channel_credentials((kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(),
-                                               (kit / "client.crt").read_bytes())
+    credentials = grpc.ssl_channel_credentials(
+        (kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(), (kit / "client.crt").read_bytes()
+    )
     chunks = payload_chunks(megabytes, config.wire.chunk_bytes)
     total = sum(len(c) for c in chunks)
     with grpc.secure_channel(address, credentials, options=channel_options(config)) as channel:
@@ -110,7 +117,9 @@ def client(kit: Path, config: FederationConfig, megabytes: float, address: str) 
                 break
             started = time.monotonic()
             moved = receive() if command == "down" else send()
-            print(json.dumps({"command": command, "start": started, "end": time.monotonic(), "bytes": moved}), flush=True)
+            print(
+                json.dumps({"command": command, "start": started, "end": time.monotonic(), "bytes": moved}), flush=True
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,8 +71,13 @@ class EventLog:
         path.write_text("")
 
     def write(self, event: str, reset_peak: bool = False, **fields: Any) -> None:
-        record = {"event": event, "t": time.monotonic(), "rss_mb": _proc_status_mb("VmRSS"),
-                  "peak_rss_mb": _proc_status_mb("VmHWM"), **fields}
+        record = {
+            "event": event,
+            "t": time.monotonic(),
+            "rss_mb": _proc_status_mb("VmRSS"),
+            "peak_rss_mb": _proc_status_mb("VmHWM"),
+            **fields,
+        }
         if reset_peak:
             reset_peak_rss()
         with self._lock, open(self.path, "a") as handle:
@@ -101,7 +106,9 @@ def synthetic_layout(components: list[str], megabytes: float) -> Layout:
 
 def synthetic_values(layout: Layout, seed: int = 0) -> ComponentValues:
     generator = torch.Generator().manual_seed(seed)
-    return {c: {name: torch.randn(shape, generator=generator) for name, shape in tensors} for c, tensors in layout.items()}
+    return {
+        c: {name: torch.randn(shape, generator=generator) for name, shape in tensors} for c, tensors in layout.items()
+    }
 
 
 class SyntheticModel:
@@ -126,7 +133,11 @@ def install_server_hooks(megabytes: float, events: EventLog) -> None:
     SyntheticModel.megabytes = megabytes
     federation_module.TapModel = SyntheticModel  # type: ignore[misc,assignment]
     federation = federation_module.Federation
-    original_start, original_close, original_submit = federation._start, federation._close_round, federation.submit_update
+    original_start, original_close, original_submit = (
+        federation._start,
+        federation._close_round,
+        federation.submit_update,
+    )
 
     def start(self) -> None:
         original_start(self)
@@ -136,8 +147,13 @@ def install_server_hooks(megabytes: float, events: EventLog) -> None:
         round_index = self.status().round
         started = time.monotonic()
         original_close(self)
-        events.write("round_closed", reset_peak=True, round=round_index, close_start=started,
-                     close_seconds=time.monotonic() - started)
+        events.write(
+            "round_closed",
+            reset_peak=True,
+            round=round_index,
+            close_start=started,
+            close_seconds=time.monotonic() - started,
+        )
 
     def submit_update(self, update) -> None:
         events.write("submit_start", round=update.round, silo=update.silo)

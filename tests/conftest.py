@@ -37,8 +37,11 @@ def synthetic_examples(n: int, kind: str, seed: int, image_size: int = 32) -> Ex
 
 
 def synthetic_task_data(kind: str, seed: int, n_train: int = 48, n_val: int = 16, n_test: int = 24) -> TaskData:
-    return TaskData(synthetic_examples(n_train, kind, seed), synthetic_examples(n_val, kind, seed + 1),
-                    synthetic_examples(n_test, kind, seed + 2))
+    return TaskData(
+        synthetic_examples(n_train, kind, seed),
+        synthetic_examples(n_val, kind, seed + 1),
+        synthetic_examples(n_test, kind, seed + 2),
+    )
 
 
 TASKS = {
@@ -52,8 +55,13 @@ TASKS = {
 def tiny_config(algorithm: str = "tap", rounds: int = 2, **train) -> FederationConfig:
     defaults = dict(local_steps=3, batch_size=8, ft_steps=2, kd_steps=2, max_val_examples=16, eval_batch_size=32)
     defaults.update(train)
-    return FederationConfig(name="synthetic", algorithm=algorithm, rounds=rounds, model=ModelSpec(size="tiny"),
-                            train=TrainConfig(**defaults))
+    return FederationConfig(
+        name="synthetic",
+        algorithm=algorithm,
+        rounds=rounds,
+        model=ModelSpec(size="tiny"),
+        train=TrainConfig(**defaults),
+    )
 
 
 def synthetic_silos() -> list[SiloSpec]:
@@ -65,8 +73,10 @@ def synthetic_silos() -> list[SiloSpec]:
 
 
 def synthetic_data(silos: list[SiloSpec]) -> dict[str, dict[str, TaskData]]:
-    return {s.id: {t.name: synthetic_task_data(t.kind, seed=10 * i + j) for j, t in enumerate(s.tasks)}
-            for i, s in enumerate(silos)}
+    return {
+        s.id: {t.name: synthetic_task_data(t.kind, seed=10 * i + j) for j, t in enumerate(s.tasks)}
+        for i, s in enumerate(silos)
+    }
 
 
 @pytest.fixture

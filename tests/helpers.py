@@ -43,24 +43,38 @@ GRPC_CONFIG = FederationConfig(
 )
 FINGERPRINT = build_backbone(GRPC_CONFIG.model).fingerprint
 
-ALPHA_TASK = {"name": "shapes", "kind": "classification", "modalities": ["image"], "family": "image_classification",
-              "domain": "general"}
-BETA_TASK = {"name": "reviews", "kind": "classification", "modalities": ["text"], "family": "text_classification",
-             "domain": "general"}
+ALPHA_TASK = {
+    "name": "shapes",
+    "kind": "classification",
+    "modalities": ["image"],
+    "family": "image_classification",
+    "domain": "general",
+}
+BETA_TASK = {
+    "name": "reviews",
+    "kind": "classification",
+    "modalities": ["text"],
+    "family": "text_classification",
+    "domain": "general",
+}
 
 
 def start_server(kit: Path, state: Path, config: FederationConfig = GRPC_CONFIG, **options) -> ServerDaemon:
-    opts = ServeOptions(kit=kit, listen="127.0.0.1:0", state_dir=state, metrics_port=0, health_port=0, done_grace_s=5.0,
-                        **options)
+    opts = ServeOptions(
+        kit=kit, listen="127.0.0.1:0", state_dir=state, metrics_port=0, health_port=0, done_grace_s=5.0, **options
+    )
     return ServerDaemon(config, opts).start()
 
 
 def credentials(kit_dir: Path) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials((kit_dir / "ca.crt").read_bytes(), (kit_dir / "client.key").read_bytes(),
-                                        (kit_dir / "client.crt").read_bytes())
+    return grpc.ssl_channel_credentials(
+        (kit_dir / "ca.crt").read_bytes(), (kit_dir / "client.key").read_bytes(), (kit_dir / "client.crt").read_bytes()
+    )
 
 
-def stub_for(server: ServerDaemon, creds: grpc.ChannelCredentials | None) -> tuple[grpc.Channel, pb_grpc.FederationStub]:
+def stub_for(
+    server: ServerDaemon, creds: grpc.ChannelCredentials | None
+) -> tuple[grpc.Channel, pb_grpc.FederationStub]:
     target = f"127.0.0.1:{server.port}"
     channel = grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)
     return channel, pb_grpc.FederationStub(channel)
@@ -78,19 +92,32 @@ def rejected(server: ServerDaemon, reason: str) -> float:
 
 
 def declaration(silo_claim: str, task: dict, samples: int, labels: list[str], fingerprint: str = FINGERPRINT) -> str:
-    return json.dumps({"silo": silo_claim, "tasks": [task], "train_samples": {task["name"]: samples},
-                       "labels_seen": {task["name"]: labels}, "fingerprint": fingerprint, "device": "cpu"})
+    return json.dumps(
+        {
+            "silo": silo_claim,
+            "tasks": [task],
+            "train_samples": {task["name"]: samples},
+            "labels_seen": {task["name"]: labels},
+            "fingerprint": fingerprint,
+            "device": "cpu",
+        }
+    )
 
 
 def join_both(server: ServerDaemon, kits: Path) -> dict:
     """Hello + Join for alpha and beta over mTLS, then Poll and Download until both hold round 1."""
     out = {}
-    for silo, task, samples, labels in (("alpha", ALPHA_TASK, 10, ["a", "b", "c"]), ("beta", BETA_TASK, 6, ["neg", "pos"])):
+    for silo, task, samples, labels in (
+        ("alpha", ALPHA_TASK, 10, ["a", "b", "c"]),
+        ("beta", BETA_TASK, 6, ["neg", "pos"]),
+    ):
         channel, stub = stub_for(server, credentials(kits / silo))
         hello = stub.Hello(pb.HelloRequest(client_version="test"), timeout=RPC_TIMEOUT)
         assert hello.silo_id == silo
         # the declaration claims to be someone else: identity comes from the certificate only
-        joined = stub.Join(pb.JoinRequest(declaration_json=declaration("delta", task, samples, labels)), timeout=RPC_TIMEOUT)
+        joined = stub.Join(
+            pb.JoinRequest(declaration_json=declaration("delta", task, samples, labels)), timeout=RPC_TIMEOUT
+        )
         assert joined.silo_id == silo
         out[silo] = {"channel": channel, "stub": stub, "samples": samples}
     assert server.federation.status().joined == ("alpha", "beta")
@@ -106,11 +133,25 @@ def join_both(server: ServerDaemon, kits: Path) -> dict:
     return out
 
 
-def frames_for(entry: dict, *, values=None, layout=None, dtype="fp32", round_index=1, weights=None,
-               stats_json='{"task_losses": {"shapes": 1.0}}', chunk_bytes=4096) -> list[pb.TensorFrame]:
+def frames_for(
+    entry: dict,
+    *,
+    values=None,
+    layout=None,
+    dtype="fp32",
+    round_index=1,
+    weights=None,
+    stats_json='{"task_losses": {"shapes": 1.0}}',
+    chunk_bytes=4096,
+) -> list[pb.TensorFrame]:
     """An upload of ``entry`` (from ``join_both``), as the frames a client would send (each one a fresh message)."""
-    frames = encode_stream(values or entry["values"], layout or entry["layout"], dtype, chunk_bytes,
-                           StreamInfo(round_index, stats_json, entry["weights"] if weights is None else weights))
+    frames = encode_stream(
+        values or entry["values"],
+        layout or entry["layout"],
+        dtype,
+        chunk_bytes,
+        StreamInfo(round_index, stats_json, entry["weights"] if weights is None else weights),
+    )
     return [pb.TensorFrame.FromString(f.SerializeToString()) for f in frames]
 
 
@@ -126,23 +167,59 @@ def write_silo_data(root: Path) -> dict[str, Path]:
         writer.writerow(["review", "verdict"])
         for i in range(30):
             good = i % 2 == 0
-            writer.writerow([f"review {i}: the film was {'wonderful and moving' if good else 'dull and far too long'}",
-                             "fresh" if good else "rotten"])
+            writer.writerow(
+                [
+                    f"review {i}: the film was {'wonderful and moving' if good else 'dull and far too long'}",
+                    "fresh" if good else "rotten",
+                ]
+            )
     alpha = root / "alpha.yaml"
-    alpha.write_text(yaml.safe_dump({"tasks": [dict(ALPHA_TASK, data={"format": "npz", "path": "shapes.npz",
-                                                                      "test_fraction": 0.2})]}))
+    alpha.write_text(
+        yaml.safe_dump(
+            {"tasks": [dict(ALPHA_TASK, data={"format": "npz", "path": "shapes.npz", "test_fraction": 0.2})]}
+        )
+    )
     beta = root / "beta.yaml"
-    beta.write_text(yaml.safe_dump({"tasks": [dict(BETA_TASK, data={"format": "csv", "path": "reviews.csv",
-                                                                    "text_column": "review", "label_column": "verdict",
-                                                                    "test_fraction": 0.2})]}))
+    beta.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": [
+                    dict(
+                        BETA_TASK,
+                        data={
+                            "format": "csv",
+                            "path": "reviews.csv",
+                            "text_column": "review",
+                            "label_column": "verdict",
+                            "test_fraction": 0.2,
+                        },
+                    )
+                ]
+            }
+        )
+    )
     return {"alpha": alpha, "beta": beta}
 
 
 def client_cli(kit: Path, server: ServerDaemon | str, config: Path, state: Path) -> list[str]:
     """The ``tap-client run`` command line for ``kit`` against ``server``."""
     address = server if isinstance(server, str) else f"127.0.0.1:{server.port}"
-    return [sys.executable, "-m", "tap_client.cli", "run", "--kit", str(kit), "--server", address, "--config", str(config),
-            "--state", str(state), "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "tap_client.cli",
+        "run",
+        "--kit",
+        str(kit),
+        "--server",
+        address,
+        "--config",
+        str(config),
+        "--state",
+        str(state),
+        "--threads",
+        "1",
+    ]
 
 
 def tap_server(args: list[str]):

@@ -34,10 +34,15 @@ def free_port() -> int:
 
 def tiny_config(rounds: int = 2, silos: int = 2) -> FederationConfig:
     return FederationConfig(
-        name="ops-test", algorithm="tap", rounds=rounds, seed=0, expected_silos=silos,
+        name="ops-test",
+        algorithm="tap",
+        rounds=rounds,
+        seed=0,
+        expected_silos=silos,
         model=ModelSpec(size="tiny", text_encoder=None),
-        train=TrainConfig(local_steps=2, batch_size=8, ft_steps=1, kd_steps=1, eval_batch_size=16, max_val_examples=8,
-                          threads=1),
+        train=TrainConfig(
+            local_steps=2, batch_size=8, ft_steps=1, kd_steps=1, eval_batch_size=16, max_val_examples=8, threads=1
+        ),
         wire=WireConfig(chunk_bytes=64 * 1024, max_message_bytes=1024 * 1024),
         deadlines=Deadlines(join_s=300, round_s=300, finish_s=300, heartbeat_s=1.0),
     )
@@ -60,15 +65,44 @@ class TinyFederation(FederationDirs):
         return self.state / silo
 
     def server_command(self, port: int, health: int, metrics: int, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "tap_server.cli", "serve", "--kit", str(self.kits / "server"),
-                "--config", str(self.federation_yaml), "--listen", f"127.0.0.1:{port}",
-                "--state", str(self.state / "server"), "--metrics-port", str(metrics), "--health-port", str(health),
-                *extra]
+        return [
+            sys.executable,
+            "-m",
+            "tap_server.cli",
+            "serve",
+            "--kit",
+            str(self.kits / "server"),
+            "--config",
+            str(self.federation_yaml),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state",
+            str(self.state / "server"),
+            "--metrics-port",
+            str(metrics),
+            "--health-port",
+            str(health),
+            *extra,
+        ]
 
     def client_command(self, silo: str, port: int, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "tap_client.cli", "run", "--kit", str(self.kits / silo),
-                "--server", f"127.0.0.1:{port}", "--config", str(self.silo_yaml(silo)),
-                "--state", str(self.client_state(silo)), "--threads", "1", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "tap_client.cli",
+            "run",
+            "--kit",
+            str(self.kits / silo),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--config",
+            str(self.silo_yaml(silo)),
+            "--state",
+            str(self.client_state(silo)),
+            "--threads",
+            "1",
+            *extra,
+        ]
 
     def start(self, command: list[str], name: str) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -87,8 +121,12 @@ def write_csv(path: Path, seed: int, rows: int = 40) -> None:
         writer.writerow(["review", "verdict"])
         for i in range(rows):
             good = (i + seed) % 2 == 0
-            writer.writerow([f"review {i}: the film was {'wonderful and moving' if good else 'dull and far too long'}",
-                             "fresh" if good else "rotten"])
+            writer.writerow(
+                [
+                    f"review {i}: the film was {'wonderful and moving' if good else 'dull and far too long'}",
+                    "fresh" if good else "rotten",
+                ]
+            )
 
 
 def make_tiny_federation(root: Path, data_dir: str | None = None, days: int = 365, rounds: int = 2) -> TinyFederation:
@@ -101,9 +139,19 @@ def make_tiny_federation(root: Path, data_dir: str | None = None, days: int = 36
     for i, silo in enumerate(fed.silos):
         write_csv(fed.data / f"{silo}.csv", seed=i)
         where = data_dir or str(fed.data)
-        task = {"name": "reviews", "kind": "classification", "modalities": ["text"], "domain": "reviews",
-                "data": {"format": "csv", "path": f"{where}/{silo}.csv", "text_column": "review",
-                         "label_column": "verdict", "test_fraction": 0.25}}
+        task = {
+            "name": "reviews",
+            "kind": "classification",
+            "modalities": ["text"],
+            "domain": "reviews",
+            "data": {
+                "format": "csv",
+                "path": f"{where}/{silo}.csv",
+                "text_column": "review",
+                "label_column": "verdict",
+                "test_fraction": 0.25,
+            },
+        }
         fed.silo_yaml(silo).write_text(yaml.safe_dump({"tasks": [task]}, sort_keys=False))
     fed.state.mkdir(parents=True, exist_ok=True)
     return fed
@@ -114,8 +162,11 @@ def read_metrics(port: int) -> dict[tuple[str, tuple], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def metrics_up(port: int) -> bool:

@@ -29,8 +29,9 @@ def reports():
     for algorithm in ("tap", "local"):
         for seed in (0, 1):
             config = tiny_config(algorithm, rounds=2, local_steps=2, ft_steps=2, kd_steps=2)
-            config = dataclasses.replace(config, seed=seed,
-                                         train=dataclasses.replace(config.train, eval_every_round=True))
+            config = dataclasses.replace(
+                config, seed=seed, train=dataclasses.replace(config.train, eval_every_round=True)
+            )
             silos = synthetic_silos()
             data = synthetic_data(silos)
             runtimes = {s.id: SiloRuntime(s, data[s.id], config, torch.device("cpu")) for s in silos}
@@ -46,7 +47,7 @@ def test_the_study_json_has_the_documented_keys_and_numbers_from_the_reports(rep
     summary = bench.summarise(rows, ["tap", "local"])
     tap_scores = [r["mean_primary"] for r in reports if r["algorithm"] == "tap"]
     assert summary["tap"]["mean"] == pytest.approx(sum(tap_scores) / 2)
-    assert summary["tap"]["std"] == pytest.approx(abs(tap_scores[0] - tap_scores[1]) / 2 ** 0.5)
+    assert summary["tap"]["std"] == pytest.approx(abs(tap_scores[0] - tap_scores[1]) / 2**0.5)
     baselines = bench.baselines(reports)
     assert set(baselines) == {"colour", "vqa", "recon", "caption"}
     paired = bench.paired_against(rows, "tap", "local")

@@ -84,8 +84,10 @@ def test_aggregation_is_bitwise_the_float64_expression_and_reuses_the_last_round
     previous = None
     pointers = []
     for round_index in range(3):
-        updates = [({"a": {n: torch.randn(s, generator=g) * 100 for n, s in shapes.items()}}, {"a": w})
-                   for w in (3.0, 0.1 * (round_index + 1), 17.0)]
+        updates = [
+            ({"a": {n: torch.randn(s, generator=g) * 100 for n, s in shapes.items()}}, {"a": w})
+            for w in (3.0, 0.1 * (round_index + 1), 17.0)
+        ]
         aggregator = StreamingAggregator(previous=previous)
         for values, weights in updates:
             aggregator.add(values, weights)

@@ -176,7 +176,10 @@ def test_label_spaces_are_united_in_natural_order():
 
 def test_a_silo_missing_some_labels_uses_the_federation_indices():
     silos = [SiloSpec("a", (TASKS["colour"],)), SiloSpec("b", (TASKS["colour"],))]
-    data = {"a": {"colour": synthetic_task_data("classification", 1)}, "b": {"colour": synthetic_task_data("classification", 2)}}
+    data = {
+        "a": {"colour": synthetic_task_data("classification", 1)},
+        "b": {"colour": synthetic_task_data("classification", 2)},
+    }
     for split in (data["a"]["colour"].train, data["a"]["colour"].val, data["a"]["colour"].test):
         split.labels = ["red" if label == "blue" else label for label in split.labels]  # silo a never sees blue
     config = tiny_config("fedavg", rounds=1)
@@ -199,8 +202,15 @@ def test_kd_scales_by_temperature_squared_and_masks_padding():
     g = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
     t = 3.0
-    manual = torch.nn.functional.kl_div(torch.log_softmax(student / t, -1), torch.log_softmax(teacher / t, -1),
-                                        log_target=True, reduction="none").sum(-1).mean() * t * t
+    manual = (
+        torch.nn.functional.kl_div(
+            torch.log_softmax(student / t, -1), torch.log_softmax(teacher / t, -1), log_target=True, reduction="none"
+        )
+        .sum(-1)
+        .mean()
+        * t
+        * t
+    )
     assert torch.allclose(kd_logits(teacher, student, t), manual, atol=1e-6)
     targets = torch.tensor([[5, 102, 0, 0], [6, 7, 102, 0]])
     batch = Batch(target_ids=targets)

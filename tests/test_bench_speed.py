@@ -13,11 +13,36 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_train_speed_measures_two_versions_and_their_speed_up(tmp_path):
     out = tmp_path / "speed.json"
-    command = [sys.executable, str(REPO / "bench" / "train_speed.py"), "--presets", "tiny", "--tasks", "image_cls",
-               "vqa", "--batch", "4", "--steps", "1", "--warmup", "0", "--repeats", "2", "--train-examples", "8",
-               "--eval-examples", "8", "--devices", "cpu", "--compare", str(REPO), "--json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=600)
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "train_speed.py"),
+        "--presets",
+        "tiny",
+        "--tasks",
+        "image_cls",
+        "vqa",
+        "--batch",
+        "4",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--repeats",
+        "2",
+        "--train-examples",
+        "8",
+        "--eval-examples",
+        "8",
+        "--devices",
+        "cpu",
+        "--compare",
+        str(REPO),
+        "--json",
+        str(out),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["labels"] == ["current", str(REPO)]

@@ -35,10 +35,24 @@ def test_synthetic_layout_spreads_the_megabytes_over_the_components():
 @pytest.mark.slow
 def test_one_round_through_the_real_server_and_agents_against_raw_grpc(tmp_path):
     out = tmp_path / "transport.json"
-    command = [sys.executable, str(REPO / "bench" / "transport.py"), "--sizes", "2", "--clients", "2",
-               "--scale-clients", "--rounds", "1", "--json", str(out), "--workdir", str(tmp_path / "work")]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          timeout=600)
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "transport.py"),
+        "--sizes",
+        "2",
+        "--clients",
+        "2",
+        "--scale-clients",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["overhead_ratio"] is None  # --overhead not asked for

@@ -34,8 +34,13 @@ def chart():
 
 def render(chart, values: dict[str, Any], name: str = "fl", namespace: str = "federation") -> list[dict[str, Any]]:
     out = chart.render(values, name=name, namespace=namespace, is_install=True)
-    return [doc for path, text in sorted(out.items()) if not path.endswith("NOTES.txt")
-            for doc in yaml.safe_load_all(text) if doc]
+    return [
+        doc
+        for path, text in sorted(out.items())
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def one(docs, kind: str, name: str | None = None) -> dict[str, Any]:
@@ -113,13 +118,24 @@ def test_server_network_policy_opens_only_grpc_to_everyone(chart):
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
     assert restricted["metrics"] == [monitoring] and restricted["health"] == [monitoring]
 
-    docs = render(chart, {"server": {"networkPolicy": {"kubeletCIDRs": ["10.0.0.0/16"],
-                                                       "grpcFrom": [{"ipBlock": {"cidr": "203.0.113.0/24"}}]}}})
+    docs = render(
+        chart,
+        {
+            "server": {
+                "networkPolicy": {
+                    "kubeletCIDRs": ["10.0.0.0/16"],
+                    "grpcFrom": [{"ipBlock": {"cidr": "203.0.113.0/24"}}],
+                }
+            }
+        },
+    )
     validate(docs)
     ingress = one(docs, "NetworkPolicy")["spec"]["ingress"]
     assert ingress[0]["from"] == [{"ipBlock": {"cidr": "203.0.113.0/24"}}]
     assert {"from": [{"ipBlock": {"cidr": "10.0.0.0/16"}}], "ports": [{"port": "health", "protocol": "TCP"}]} in ingress
-    assert not [d for d in render(chart, {"server": {"networkPolicy": {"enabled": False}}}) if d["kind"] == "NetworkPolicy"]
+    assert not [
+        d for d in render(chart, {"server": {"networkPolicy": {"enabled": False}}}) if d["kind"] == "NetworkPolicy"
+    ]
 
 
 def test_agent_network_policy_allows_dns_and_the_server_port_only(chart):
@@ -132,9 +148,17 @@ def test_agent_network_policy_allows_dns_and_the_server_port_only(chart):
     egress_ports = sorted((p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"])
     assert egress_ports == [(53, "TCP"), (53, "UDP"), (443, "TCP")], "DNS and the port of client.server"
 
-    docs = render(chart, {"server": {"enabled": False},
-                          "client": {**CLIENT["client"], "metrics": {"enabled": True},
-                                     "networkPolicy": {"serverCIDRs": ["198.51.100.7/32"]}}})
+    docs = render(
+        chart,
+        {
+            "server": {"enabled": False},
+            "client": {
+                **CLIENT["client"],
+                "metrics": {"enabled": True},
+                "networkPolicy": {"serverCIDRs": ["198.51.100.7/32"]},
+            },
+        },
+    )
     validate(docs)
     policy = one(docs, "NetworkPolicy", "fl-tap-client")
     assert [p["port"] for r in policy["spec"]["ingress"] for p in r["ports"]] == ["metrics"]
@@ -155,16 +179,23 @@ def test_pdb_is_optional_and_protects_the_server_pod(chart):
 
 
 def test_images_can_be_pinned_by_digest(chart):
-    docs = render(chart, {"server": {"image": {"repository": "registry.example.org/tap/tap-server", "digest": DIGEST}},
-                          "client": {**CLIENT["client"], "gpu": 1, "image": {"cudaDigest": DIGEST, "digest": "sha256:" + "cd" * 32}}})
+    docs = render(
+        chart,
+        {
+            "server": {"image": {"repository": "registry.example.org/tap/tap-server", "digest": DIGEST}},
+            "client": {**CLIENT["client"], "gpu": 1, "image": {"cudaDigest": DIGEST, "digest": "sha256:" + "cd" * 32}},
+        },
+    )
     validate(docs)
     server = one(docs, "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"]
     client = one(docs, "Job")["spec"]["template"]["spec"]["containers"][0]["image"]
     version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     assert server == f"registry.example.org/tap/tap-server:{version}@{DIGEST}"
     assert client == f"tap-client-cuda:{version}@{DIGEST}", "gpu > 0 takes the CUDA image's digest"
-    assert one(render(chart, {}), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"] == \
-        f"tap-server:{version}"
+    assert (
+        one(render(chart, {}), "StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+        == f"tap-server:{version}"
+    )
     with pytest.raises(helm.HelmValuesError, match="digest"):
         chart.validate_schema({"server": {"image": {"digest": "latest"}}})
 
@@ -188,8 +219,21 @@ def test_provisioned_values_and_secrets_install_server_and_silos(chart, tmp_path
     from tap_server.cli import main as server_cli
 
     kits = tmp_path / "KITS"
-    result = CliRunner().invoke(server_cli, ["provision", "--out", str(kits), "--silo", "hospital-a", "--silo", "Lab_B",
-                                             "--server-host", "tap.example.org", "--helm-values"])
+    result = CliRunner().invoke(
+        server_cli,
+        [
+            "provision",
+            "--out",
+            str(kits),
+            "--silo",
+            "hospital-a",
+            "--silo",
+            "Lab_B",
+            "--server-host",
+            "tap.example.org",
+            "--helm-values",
+        ],
+    )
     assert result.exit_code == 0, result.output
     helm_dir = kits / "helm"
     for secret_file in helm_dir.glob("*-secret.yaml"):
@@ -208,7 +252,9 @@ def test_provisioned_values_and_secrets_install_server_and_silos(chart, tmp_path
     federation = yaml.safe_load(one(docs, "ConfigMap", "fl-tap-server-config")["data"]["federation.yaml"])
     config = from_mapping(FederationConfig, federation, "federation")
     validate_federation(config)
-    assert config.expected_silos == 2 and config.clients_per_round == 2, "sized for this federation, not the chart default"
+    assert config.expected_silos == 2 and config.clients_per_round == 2, (
+        "sized for this federation, not the chart default"
+    )
 
     for silo in ("hospital-a", "Lab_B"):
         secret = yaml.safe_load((helm_dir / f"{silo}-secret.yaml").read_text())
@@ -235,8 +281,12 @@ def test_rotate_rewrites_the_secret_manifests(tmp_path):
 
     kits = tmp_path / "KITS"
     runner = CliRunner()
-    assert runner.invoke(server_cli, ["provision", "--out", str(kits), "--silo", "a", "--server-host", "h",
-                                      "--helm-values"]).exit_code == 0
+    assert (
+        runner.invoke(
+            server_cli, ["provision", "--out", str(kits), "--silo", "a", "--server-host", "h", "--helm-values"]
+        ).exit_code
+        == 0
+    )
     before = yaml.safe_load((kits / "helm" / "a-secret.yaml").read_text())["stringData"]["client.crt"]
     result = runner.invoke(server_cli, ["rotate", "--out", str(kits), "--silo", "a", "--helm-values"])
     assert result.exit_code == 0, result.output
@@ -256,7 +306,9 @@ def test_alert_rules_are_scoped_to_their_release(chart, tmp_path):
         pytest.skip("promtool not found (Debian package prometheus)")
     files = []
     for release, namespace in (("alpha", "team-a"), ("beta", "team-b")):
-        rule = one(render(chart, {"server": {"prometheusRule": {"enabled": True}}}, release, namespace), "PrometheusRule")
+        rule = one(
+            render(chart, {"server": {"prometheusRule": {"enabled": True}}}, release, namespace), "PrometheusRule"
+        )
         exprs = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
         for expr in exprs:
             for selector in re.findall(r"\btap_[a-z_]+(\{[^}]*\})?", expr):
@@ -266,30 +318,59 @@ def test_alert_rules_are_scoped_to_their_release(chart, tmp_path):
         path = tmp_path / f"{release}.yml"
         path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
         files.append(path.name)
-    (tmp_path / "test.yml").write_text(yaml.safe_dump({
-        "rule_files": files,
-        "evaluation_interval": "1m",
-        "tests": [{
-            "interval": "1m",
-            "input_series": [{"series": 'tap_round{namespace="team-b", job="beta-tap-server", instance="10.0.0.2:9090"}',
-                              "values": "3x10"}],
-            "alert_rule_test": [{"eval_time": "6m", "alertname": "TapServerMetricsAbsent", "exp_alerts": [{
-                "exp_labels": {"severity": "critical", "namespace": "team-a", "job": "alpha-tap-server"},
-                "exp_annotations": {
-                    "summary": "No metrics from the TAP federation server",
-                    "description": "Prometheus has scraped no TAP server metrics for 5 minutes. The server is down, "
-                                   "crash-looping, still loading its state, or the scrape target is wrong."}}]}],
-        }],
-    }))
-    proc = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    (tmp_path / "test.yml").write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": files,
+                "evaluation_interval": "1m",
+                "tests": [
+                    {
+                        "interval": "1m",
+                        "input_series": [
+                            {
+                                "series": 'tap_round{namespace="team-b", job="beta-tap-server", instance="10.0.0.2:9090"}',
+                                "values": "3x10",
+                            }
+                        ],
+                        "alert_rule_test": [
+                            {
+                                "eval_time": "6m",
+                                "alertname": "TapServerMetricsAbsent",
+                                "exp_alerts": [
+                                    {
+                                        "exp_labels": {
+                                            "severity": "critical",
+                                            "namespace": "team-a",
+                                            "job": "alpha-tap-server",
+                                        },
+                                        "exp_annotations": {
+                                            "summary": "No metrics from the TAP federation server",
+                                            "description": "Prometheus has scraped no TAP server metrics for 5 minutes. The server is down, "
+                                            "crash-looping, still loading its state, or the scrape target is wrong.",
+                                        },
+                                    }
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    proc = subprocess.run(
+        [promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_agent_metrics_are_scraped_with_a_silo_label(chart):
-    values = {"server": {"enabled": False},
-              "client": {**CLIENT["client"], "metrics": {"enabled": True, "podMonitor": {"enabled": True},
-                                                         "service": {"enabled": True}}}}
+    values = {
+        "server": {"enabled": False},
+        "client": {
+            **CLIENT["client"],
+            "metrics": {"enabled": True, "podMonitor": {"enabled": True}, "service": {"enabled": True}},
+        },
+    }
     docs = render(chart, values)
     validate(docs)
     job = one(docs, "Job")
@@ -303,7 +384,9 @@ def test_agent_metrics_are_scraped_with_a_silo_label(chart):
     assert endpoint["port"] == "metrics"
     # the pod label tap.federation/silo becomes the `silo` label the dashboard groups by
     assert pod_labels["tap.federation/silo"] == "silo-a"
-    assert {"sourceLabels": ["__meta_kubernetes_pod_label_tap_federation_silo"], "targetLabel": "silo"} in endpoint["relabelings"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_tap_federation_silo"], "targetLabel": "silo"} in endpoint[
+        "relabelings"
+    ]
     service = one(docs, "Service", "fl-tap-client-metrics")
     assert selects(service["spec"]["selector"], pod_labels) and service["spec"]["ports"][0]["targetPort"] == "metrics"
 
@@ -312,7 +395,12 @@ def test_dashboard_shows_agents_and_certificates():
     dash = json.loads((ROOT / "deploy" / "grafana" / "dashboard.json").read_text())
     exprs = {t["expr"] for p in dash["panels"] for t in p.get("targets", [])}
     assert any("tap_certificate_days_left" in e for e in exprs)
-    for metric in ("tap_client_round", "tap_client_task_loss", "tap_client_train_seconds_total", "tap_client_final_primary"):
+    for metric in (
+        "tap_client_round",
+        "tap_client_task_loss",
+        "tap_client_train_seconds_total",
+        "tap_client_final_primary",
+    ):
         assert any(metric in e and "by (silo" in e for e in exprs), f"dashboard lacks {metric} by silo"
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     clients = next(j for j in prom["scrape_configs"] if j["job_name"] == "tap-clients")
@@ -321,6 +409,16 @@ def test_dashboard_shows_agents_and_certificates():
 
 def test_operations_doc_covers_upgrades_rollback_and_rotation():
     text = (ROOT / "docs" / "operations.md").read_text()
-    for needed in ("volumeClaimTemplate", "--cascade=orphan", "helm rollback", "tap-server rotate", "--helm-values",
-                   "podFailurePolicy", "NetworkPolicy", "PodDisruptionBudget", "digest", "tap_certificate_days_left"):
+    for needed in (
+        "volumeClaimTemplate",
+        "--cascade=orphan",
+        "helm rollback",
+        "tap-server rotate",
+        "--helm-values",
+        "podFailurePolicy",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "digest",
+        "tap_certificate_days_left",
+    ):
         assert needed in text, f"docs/operations.md does not cover {needed}"

@@ -37,8 +37,10 @@ def test_status_of_an_empty_directory_says_so(tmp_path):
 def test_serve_with_a_bad_config_is_a_one_line_error(tmp_path):
     config = tmp_path / "federation.yaml"
     config.write_text("algoritm: tap\n")
-    result = CliRunner().invoke(tap_server, ["serve", "--kit", str(tmp_path), "--config", str(config),
-                                             "--metrics-port", "-1", "--health-port", "-1"])
+    result = CliRunner().invoke(
+        tap_server,
+        ["serve", "--kit", str(tmp_path), "--config", str(config), "--metrics-port", "-1", "--health-port", "-1"],
+    )
     assert result.exit_code == 2
     assert "algoritm: unknown key" in result.output and "did you mean 'algorithm'" in result.output
 
@@ -46,6 +48,7 @@ def test_serve_with_a_bad_config_is_a_one_line_error(tmp_path):
 def test_provision_needs_silos_and_a_host(tmp_path):
     result = CliRunner().invoke(tap_server, ["provision", "--out", str(tmp_path / "k"), "--silo", "a"])
     assert result.exit_code != 0 and "--server-host" in result.output
-    result = CliRunner().invoke(tap_server, ["provision", "--out", str(tmp_path / "k"), "--server-host", "h",
-                                             "--silo", "bad.name"])
+    result = CliRunner().invoke(
+        tap_server, ["provision", "--out", str(tmp_path / "k"), "--server-host", "h", "--silo", "bad.name"]
+    )
     assert result.exit_code == 2 and "silo ids are" in result.output

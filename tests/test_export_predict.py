@@ -38,8 +38,11 @@ from tap_server.daemon import ServeOptions, ServerDaemon
 pytestmark = pytest.mark.slow
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 210)}
-REVIEWS = {"fresh": "a wonderful and moving film", "rotten": "dull and far too long",
-           "mixed": "good cast but a weak plot"}
+REVIEWS = {
+    "fresh": "a wonderful and moving film",
+    "rotten": "dull and far too long",
+    "mixed": "good cast but a weak plot",
+}
 TRAIN = {"local_steps": 6, "batch_size": 8, "ft_steps": 2, "kd_steps": 2, "max_val_examples": 8, "eval_batch_size": 8}
 
 
@@ -80,8 +83,10 @@ def write_data(root: Path) -> Path:
     # clinic-b: reviews from jsonl with all three labels; shapes from image folders; vqa from jsonl + png files
     for name, n in (("reviews", 24), ("reviews_test", 12)):
         labels = [list(REVIEWS)[i % 3] for i in range(n)]
-        write_jsonl(b / f"{name}.jsonl", [{"review": f"review {i}: {REVIEWS[label]}", "verdict": label}
-                                           for i, label in enumerate(labels)])
+        write_jsonl(
+            b / f"{name}.jsonl",
+            [{"review": f"review {i}: {REVIEWS[label]}", "verdict": label} for i, label in enumerate(labels)],
+        )
     for f, (folder, n) in enumerate((("shapes", 8), ("shapes_test", 4))):
         for c, colour in enumerate(COLOURS):
             for i in range(n):
@@ -102,20 +107,69 @@ def write_data(root: Path) -> Path:
         "model": {"backbone": "flava", "size": "tiny"},
         "train": TRAIN,
         "silos": [
-            {"id": "clinic-a", "tasks": [
-                task("reviews", "classification", ["text"], "films", format="csv", path="a/reviews.csv",
-                     test_path="a/reviews_test.csv", text_column="review", label_column="verdict"),
-                task("scans", "image_generation", ["image"], "scans", format="npz", path="a/scans.npz",
-                     test_path="a/scans_test.npz", images_key="x"),
-            ]},
-            {"id": "clinic-b", "tasks": [
-                task("reviews", "classification", ["text"], "films", format="jsonl", path="b/reviews.jsonl",
-                     test_path="b/reviews_test.jsonl", text_key="review", label_key="verdict"),
-                task("shapes", "classification", ["image"], "colours", format="imagefolder", path="b/shapes",
-                     test_path="b/shapes_test"),
-                task("vqa", "text_generation", ["image", "text"], "colours", format="jsonl", path="b/vqa.jsonl",
-                     test_path="b/vqa_test.jsonl", images_key="file", prompt_key="question", target_key="answer"),
-            ]},
+            {
+                "id": "clinic-a",
+                "tasks": [
+                    task(
+                        "reviews",
+                        "classification",
+                        ["text"],
+                        "films",
+                        format="csv",
+                        path="a/reviews.csv",
+                        test_path="a/reviews_test.csv",
+                        text_column="review",
+                        label_column="verdict",
+                    ),
+                    task(
+                        "scans",
+                        "image_generation",
+                        ["image"],
+                        "scans",
+                        format="npz",
+                        path="a/scans.npz",
+                        test_path="a/scans_test.npz",
+                        images_key="x",
+                    ),
+                ],
+            },
+            {
+                "id": "clinic-b",
+                "tasks": [
+                    task(
+                        "reviews",
+                        "classification",
+                        ["text"],
+                        "films",
+                        format="jsonl",
+                        path="b/reviews.jsonl",
+                        test_path="b/reviews_test.jsonl",
+                        text_key="review",
+                        label_key="verdict",
+                    ),
+                    task(
+                        "shapes",
+                        "classification",
+                        ["image"],
+                        "colours",
+                        format="imagefolder",
+                        path="b/shapes",
+                        test_path="b/shapes_test",
+                    ),
+                    task(
+                        "vqa",
+                        "text_generation",
+                        ["image", "text"],
+                        "colours",
+                        format="jsonl",
+                        path="b/vqa.jsonl",
+                        test_path="b/vqa_test.jsonl",
+                        images_key="file",
+                        prompt_key="question",
+                        target_key="answer",
+                    ),
+                ],
+            },
         ],
     }
     path = root / "scenario.yaml"
@@ -126,18 +180,34 @@ def write_data(root: Path) -> Path:
 def run_federation(layout: DemoLayout, scenario: Scenario) -> None:
     """``tap demo``'s federation with the server and the agents in this process."""
     prepare_workdir(layout, scenario, compose_config(scenario, algorithm="tap", rounds=2, seed=0), None)
-    daemon = ServerDaemon(load_federation_config(layout.federation_yaml),
-                          ServeOptions(kit=layout.kits / "server", listen="127.0.0.1:0", state_dir=layout.state,
-                                       metrics_port=None, health_port=None, exit_when_done=True, done_grace_s=5.0))
+    daemon = ServerDaemon(
+        load_federation_config(layout.federation_yaml),
+        ServeOptions(
+            kit=layout.kits / "server",
+            listen="127.0.0.1:0",
+            state_dir=layout.state,
+            metrics_port=None,
+            health_port=None,
+            exit_when_done=True,
+            done_grace_s=5.0,
+        ),
+    )
     daemon.start()
     outcome: dict[str, object] = {}
 
     def agent(silo: str) -> None:
         try:
             spec, _ = load_silo_config(layout.silo_yaml(silo))
-            outcome[silo] = Agent(AgentOptions(kit=layout.kits / silo, server=f"127.0.0.1:{daemon.port}", silo=spec,
-                                               config_path=layout.silo_yaml(silo), state_dir=layout.client_state(silo),
-                                               threads=1)).run()
+            outcome[silo] = Agent(
+                AgentOptions(
+                    kit=layout.kits / silo,
+                    server=f"127.0.0.1:{daemon.port}",
+                    silo=spec,
+                    config_path=layout.silo_yaml(silo),
+                    state_dir=layout.client_state(silo),
+                    threads=1,
+                )
+            ).run()
         except BaseException as exc:  # reported below
             outcome[silo] = exc
 
@@ -186,8 +256,19 @@ def finished(tmp_path_factory) -> Finished:
 
 def predict(finished: Finished, silo: str, task: str, input_path: Path, tmp_path: Path, *extra: str) -> list[dict]:
     output = tmp_path / f"{silo}-{task}.jsonl"
-    result = tap_client_cli("predict", "--model", finished.model(silo), "--task", task, "--input", input_path,
-                            "--output", output, "--no-progress", *extra)
+    result = tap_client_cli(
+        "predict",
+        "--model",
+        finished.model(silo),
+        "--task",
+        task,
+        "--input",
+        input_path,
+        "--output",
+        output,
+        "--no-progress",
+        *extra,
+    )
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in output.read_text().splitlines()]
 
@@ -268,8 +349,13 @@ def test_the_export_says_what_it_is_and_how_it_was_made(finished):
     card = json.loads((directory / "model.json").read_text())
     owner = json.loads((finished.layout.client_state("clinic-b") / "federation.json").read_text())
     assert card["silo"] == "clinic-b" and "clinic-b" in card["description"]
-    assert card["federation"] == {"name": "predict-test", "id": owner["federation_id"], "algorithm": "tap",
-                                  "rounds": 2, "seed": 0}
+    assert card["federation"] == {
+        "name": "predict-test",
+        "id": owner["federation_id"],
+        "algorithm": "tap",
+        "rounds": 2,
+        "seed": 0,
+    }
     assert card["base_model"]["spec"]["size"] == "tiny" and len(card["base_model"]["fingerprint"]) == 64
     assert {name: t["test_metrics"] for name, t in card["tasks"].items()} == finished.results("clinic-b")
     assert card["tasks"]["vqa"]["inputs"] == {"texts": "question", "images": "file"}
@@ -329,8 +415,9 @@ def test_import_tap_core_stays_cheap():
 # ------------------------------------------------------------------ bad input: file, row, field
 
 
-@pytest.mark.parametrize("case", ["missing column", "unreadable image", "missing image", "missing text", "unknown task",
-                                  "missing array"])
+@pytest.mark.parametrize(
+    "case", ["missing column", "unreadable image", "missing image", "missing text", "unknown task", "missing array"]
+)
 def test_bad_input_is_named_and_loses_nothing(finished, tmp_path, case):
     b = finished.data / "b"
     output = tmp_path / "out.jsonl"
@@ -343,8 +430,13 @@ def test_bad_input_is_named_and_loses_nothing(finished, tmp_path, case):
     elif case in ("unreadable image", "missing image"):
         (tmp_path / "broken.png").write_text("not a png")
         bad = "broken.png" if case == "unreadable image" else "gone.png"
-        write_jsonl(input_path, [{"question": "what colour", "file": str(b / "img" / "vqa-0.png")},
-                                 {"question": "what colour", "file": bad}])
+        write_jsonl(
+            input_path,
+            [
+                {"question": "what colour", "file": str(b / "img" / "vqa-0.png")},
+                {"question": "what colour", "file": bad},
+            ],
+        )
         problem = "cannot be read as an image" if case == "unreadable image" else "image file not found"
         expected = [f"line 2 of {input_path}", "column 'file'", "--image-column", problem]
     elif case == "missing text":
@@ -357,8 +449,18 @@ def test_bad_input_is_named_and_loses_nothing(finished, tmp_path, case):
         task, input_path = "shapes", tmp_path / "in.npz"
         np.savez(input_path, pixels=np.zeros((2, 8, 8, 3), dtype=np.uint8))
         expected = [str(input_path), "no 'images' array", "--image-column", "pixels"]
-    result = tap_client_cli("predict", "--model", finished.model("clinic-b"), "--task", task, "--input", input_path,
-                            "--output", output, "--no-progress")
+    result = tap_client_cli(
+        "predict",
+        "--model",
+        finished.model("clinic-b"),
+        "--task",
+        task,
+        "--input",
+        input_path,
+        "--output",
+        output,
+        "--no-progress",
+    )
     assert result.exit_code == 2, result.output
     for part in expected:
         assert part in result.output, (part, result.output)
@@ -383,11 +485,23 @@ def test_a_different_frozen_backbone_is_refused_on_load(finished, tmp_path, chan
         card = json.loads((directory / "model.json").read_text())
         card["base_model"]["spec"]["init_seed"] = 7
         (directory / "model.json").write_text(json.dumps(card))
-    with pytest.raises(ModelMismatchError, match=r"was trained on a frozen backbone with fingerprint .* but the one "
-                                                 r"built here \(flava/tiny\) has"):
+    with pytest.raises(
+        ModelMismatchError,
+        match=r"was trained on a frozen backbone with fingerprint .* but the one "
+        r"built here \(flava/tiny\) has",
+    ):
         load_model(directory)
-    result = tap_client_cli("predict", "--model", directory, "--task", "reviews", "--input",
-                            finished.data / "b" / "reviews_test.jsonl", "--output", tmp_path / "o.jsonl")
+    result = tap_client_cli(
+        "predict",
+        "--model",
+        directory,
+        "--task",
+        "reviews",
+        "--input",
+        finished.data / "b" / "reviews_test.jsonl",
+        "--output",
+        tmp_path / "o.jsonl",
+    )
     assert result.exit_code == 2 and "fingerprint" in result.output
 
 
@@ -417,11 +531,15 @@ def test_export_refuses_what_it_cannot_use(finished, tmp_path):
 def test_the_rerun_notes_predict_with_one_silo(finished):
     """What ``tap demo`` writes to RERUN.md after the agents' commands: export and predict, ready to paste."""
     layout = finished.layout
-    write_rerun_notes(layout, 1, 2, 3, [s.id for s in finished.scenario.silos],
-                      prediction_notes(layout, finished.scenario))
+    write_rerun_notes(
+        layout, 1, 2, 3, [s.id for s in finished.scenario.silos], prediction_notes(layout, finished.scenario)
+    )
     notes = (layout.root / "RERUN.md").read_text()
-    commands = [shlex.split(line) for line in notes.splitlines() if " tap_client.cli export " in line
-                or " tap_client.cli predict " in line]
+    commands = [
+        shlex.split(line)
+        for line in notes.splitlines()
+        if " tap_client.cli export " in line or " tap_client.cli predict " in line
+    ]
     assert len(commands) == 2 and commands[1][commands[1].index("--task") + 1] == "reviews"
     samples = [json.loads(line) for line in layout.sample_input("reviews").read_text().splitlines()]
     assert len(samples) == 3 and all(set(s) == {"review"} for s in samples)  # the column the silo trained with

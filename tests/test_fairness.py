@@ -21,6 +21,7 @@ from tap_core.training.batches import SplitTensors, TaskTensors
 from tap_cli.simulate import run_federation
 from tap_server.federation import Federation
 
+
 def task_scores(report):
     return {(t["silo"], t["task"]): t["metrics"] for t in report["tasks"]}
 
@@ -86,8 +87,7 @@ def test_classification_baseline_is_the_majority_training_label():
 def test_text_generation_baseline_answers_each_question_with_its_most_frequent_training_answer():
     q1, q2, q3 = [5, 6, 0], [7, 8, 0], [9, 9, 9]
     yes, no, red = [11, 102, 0], [12, 102, 0], [13, 102, 0]
-    train = split(input_ids=torch.tensor([q1, q1, q1, q2, q2, q2]),
-                  targets=torch.tensor([yes, yes, no, red, red, no]))
+    train = split(input_ids=torch.tensor([q1, q1, q1, q2, q2, q2]), targets=torch.tensor([yes, yes, no, red, red, no]))
     # q3 was never asked in training: the most frequent answer overall (yes and red tie at 2 with no... no: 2)
     test = split(input_ids=torch.tensor([q1, q2, q1, q3]), targets=torch.tensor([yes, red, no, no]))
     score = trivial_score(tensors(TASKS["vqa"], train, test), end_id=102)
@@ -125,8 +125,10 @@ def declaration(silo: str, task, labels: list[str]) -> SiloDeclaration:
 
 
 def test_disjoint_undeclared_label_sets_are_refused_naming_both_silos_the_task_and_both_sets():
-    decls = [declaration("north", TASKS["colour"], ["red", "green"]),
-             declaration("south", TASKS["colour"], ["cat", "dog"])]
+    decls = [
+        declaration("north", TASKS["colour"], ["red", "green"]),
+        declaration("south", TASKS["colour"], ["cat", "dog"]),
+    ]
     with pytest.raises(ConfigError) as refused:
         united_tasks(decls)
     message = str(refused.value)
@@ -142,8 +144,10 @@ def test_a_declared_shared_label_space_unites_disjoint_sets(opt_in):
 
 
 def test_overlapping_label_sets_are_united_without_an_opt_in():
-    decls = [declaration("north", TASKS["colour"], ["red", "green"]),
-             declaration("south", TASKS["colour"], ["green", "blue"])]
+    decls = [
+        declaration("north", TASKS["colour"], ["red", "green"]),
+        declaration("south", TASKS["colour"], ["green", "blue"]),
+    ]
     check_label_spaces(decls)
     assert united_tasks(decls)["colour"].labels == ("blue", "green", "red")
 
@@ -163,8 +167,10 @@ def test_the_silo_whose_join_introduces_disjoint_labels_is_the_one_refused():
 def test_evaluation_never_predicts_a_label_the_silo_does_not_have(make_runtimes):
     """Silo a never sees 'blue' (silo b does): a head biased towards blue cannot cost silo a anything."""
     silos = [SiloSpec("a", (TASKS["colour"],)), SiloSpec("b", (TASKS["colour"],))]
-    data = {"a": {"colour": synthetic_task_data("classification", 1)},
-            "b": {"colour": synthetic_task_data("classification", 2)}}
+    data = {
+        "a": {"colour": synthetic_task_data("classification", 1)},
+        "b": {"colour": synthetic_task_data("classification", 2)},
+    }
     for part in (data["a"]["colour"].train, data["a"]["colour"].val, data["a"]["colour"].test):
         part.labels = ["red" if label == "blue" else label for label in part.labels]
     config = tiny_config("fedavg", rounds=1)
@@ -180,8 +186,9 @@ def test_evaluation_never_predicts_a_label_the_silo_does_not_have(make_runtimes)
     with torch.no_grad():
         model.part("head.colour").out.bias[labels.index("blue")] += 1e4  # the head now always says blue
     accuracy = silo.evaluate(model)[0].primary
-    expected = silo.trainer.evaluate(model, silo.tensors["colour"], silo.end_id,
-                                     allowed=allowed_outputs(labels, ["red", "green"]))["accuracy"]
+    expected = silo.trainer.evaluate(
+        model, silo.tensors["colour"], silo.end_id, allowed=allowed_outputs(labels, ["red", "green"])
+    )["accuracy"]
     assert accuracy == expected and accuracy > 0
     assert silo.trainer.evaluate(model, silo.tensors["colour"], silo.end_id)["accuracy"] == 0.0
 

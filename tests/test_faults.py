@@ -57,12 +57,14 @@ def test_every_kill_point_is_exercised_and_unknown_ones_refused():
 
 def test_environment_knobs_last_for_the_whole_process(tmp_path):
     """TAP_FAULT_DISK_FULL and TAP_FAULT_MAX_RETRY_DELAY_S are still in force after start-up (garbage collected)."""
-    script = (f"import gc; from pathlib import Path; from tap_testing import faults\n"
-              f"faults.install_from_environment(); gc.collect()\n"
-              f"import tap_client.connection as c; from tap_core.store import atomic_write_json as w\n"
-              f"w(Path({str(tmp_path / 'a.json')!r}), 1)\n"
-              f"try:\n    w(Path({str(tmp_path / 'b.json')!r}), 2)\nexcept OSError as e:\n    print('refused', e.errno)\n"
-              f"print('delay', c.MAX_RETRY_DELAY_S)")
+    script = (
+        f"import gc; from pathlib import Path; from tap_testing import faults\n"
+        f"faults.install_from_environment(); gc.collect()\n"
+        f"import tap_client.connection as c; from tap_core.store import atomic_write_json as w\n"
+        f"w(Path({str(tmp_path / 'a.json')!r}), 1)\n"
+        f"try:\n    w(Path({str(tmp_path / 'b.json')!r}), 2)\nexcept OSError as e:\n    print('refused', e.errno)\n"
+        f"print('delay', c.MAX_RETRY_DELAY_S)"
+    )
     env = {**os.environ, "TAP_FAULT_DISK_FULL": "2", "TAP_FAULT_MAX_RETRY_DELAY_S": "1.5"}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

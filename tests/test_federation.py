@@ -21,17 +21,24 @@ from tap_server.federation import FINISHING, TRAINING, WAITING, Federation
 def run_round(federation, runtimes, algorithm):
     status = federation.status()
     for silo in status.selected:
-        federation.submit_update(algorithm.local_round(runtimes[silo], status.round,
-                                                       federation.payload(silo, status.round).values))
+        federation.submit_update(
+            algorithm.local_round(runtimes[silo], status.round, federation.payload(silo, status.round).values)
+        )
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], name="x/y"),), train_samples={"x/y": 5}), "must be non-empty"),
-    (dict(train_samples={"colour": 0}), "training samples"),
-    (dict(train_samples={"other": 5}), "train_samples must name exactly"),
-    (dict(labels_seen={"colour": [str(i) for i in range(20_000)]}), "at most 10000 labels"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], family="shared"),)), "not 'shared'"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (
+            dict(tasks=(dataclasses.replace(TASKS["colour"], name="x/y"),), train_samples={"x/y": 5}),
+            "must be non-empty",
+        ),
+        (dict(train_samples={"colour": 0}), "training samples"),
+        (dict(train_samples={"other": 5}), "train_samples must name exactly"),
+        (dict(labels_seen={"colour": [str(i) for i in range(20_000)]}), "at most 10000 labels"),
+        (dict(tasks=(dataclasses.replace(TASKS["colour"], family="shared"),)), "not 'shared'"),
+    ],
+)
 def test_invalid_declarations_are_refused(change, reason, make_runtimes):
     config = tiny_config()
     federation = Federation(config, expected_silos=3)
@@ -161,9 +168,15 @@ def test_an_upload_is_admitted_only_in_its_round_once_from_a_selected_silo(joine
     assert slot.round == 1 and list(slot.layout) == rts[first].plan.components
     assert set(slot.layout) <= slot.known and len(slot.known) > len(slot.layout)
     update = get_algorithm(config).local_round(rts[first], 1, federation.payload(first, 1).values)
-    for silo, round_index, reason in ((first, 0, "stale_round"), (first, 2, "future_round"), (left_out, 1, "not_selected")):
-        for attempt in (functools.partial(federation.admit_upload, silo, round_index),
-                        functools.partial(federation.submit_update, dataclasses.replace(update, silo=silo, round=round_index))):
+    for silo, round_index, reason in (
+        (first, 0, "stale_round"),
+        (first, 2, "future_round"),
+        (left_out, 1, "not_selected"),
+    ):
+        for attempt in (
+            functools.partial(federation.admit_upload, silo, round_index),
+            functools.partial(federation.submit_update, dataclasses.replace(update, silo=silo, round=round_index)),
+        ):
             with pytest.raises(Rejected) as info:
                 attempt()
             assert info.value.reason == reason

@@ -28,7 +28,9 @@ def test_finite_values_whose_sum_overflows_are_finite():
 
 
 def test_edge_cases():
-    assert all_finite(torch.empty(0, 3)) and all_finite(torch.tensor(2.5)) and not all_finite(torch.tensor(float("nan")))
+    assert (
+        all_finite(torch.empty(0, 3)) and all_finite(torch.tensor(2.5)) and not all_finite(torch.tensor(float("nan")))
+    )
     assert all_finite(torch.arange(10))  # integers are always finite
     strided = torch.randn(40, 30).t()
     strided[3, 7] = float("nan")

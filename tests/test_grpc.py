@@ -57,8 +57,14 @@ def test_full_federation_over_mtls(tmp_path):
         def run_alpha() -> None:
             try:
                 silo, _ = load_silo_config(configs["alpha"])
-                options = AgentOptions(kit=kits / "alpha", server=f"127.0.0.1:{daemon.port}", silo=silo,
-                                       config_path=configs["alpha"], state_dir=tmp_path / "clients" / "alpha", threads=1)
+                options = AgentOptions(
+                    kit=kits / "alpha",
+                    server=f"127.0.0.1:{daemon.port}",
+                    silo=silo,
+                    config_path=configs["alpha"],
+                    state_dir=tmp_path / "clients" / "alpha",
+                    threads=1,
+                )
                 codes["alpha"] = Agent(options).run()
             except BaseException as exc:  # reported by the assertion below
                 codes["alpha"] = exc
@@ -91,7 +97,9 @@ def test_full_federation_over_mtls(tmp_path):
     streams = [e for e in report["timing"]["events"] if "stream_seconds" in e]
     assert {e["direction"] for e in streams} == {"down", "up", "final"} and len(streams) >= 2 * 2 * 2 + 2
     rows = report["transport"]["per_client_round"]
-    assert len(rows) == 4 and all(r["payload_bytes"] <= r["wire_bytes"] <= 1.05 * r["payload_bytes"] + 128 for r in rows)
+    assert len(rows) == 4 and all(
+        r["payload_bytes"] <= r["wire_bytes"] <= 1.05 * r["payload_bytes"] + 128 for r in rows
+    )
     assert daemon.metrics.registry.get_sample_value("tap_rounds_completed_total") == 2
     assert daemon.metrics.registry.get_sample_value("tap_updates_received_total") == 4
 
@@ -107,7 +115,9 @@ def test_agent_stops_when_the_server_refuses_its_numbers_as_invalid(tmp_path, wh
     kits = tmp_path / "kits"
     provision(kits, ["alpha"], ["127.0.0.1"])
     configs = write_silo_data(tmp_path / "data")
-    daemon = start_server(kits / "server", tmp_path / "state", config=dataclasses.replace(GRPC_CONFIG, expected_silos=1))
+    daemon = start_server(
+        kits / "server", tmp_path / "state", config=dataclasses.replace(GRPC_CONFIG, expected_silos=1)
+    )
 
     class DivergingAgent(Agent):
         def prepare(self) -> None:
@@ -132,8 +142,16 @@ def test_agent_stops_when_the_server_refuses_its_numbers_as_invalid(tmp_path, wh
 
     try:
         silo, _ = load_silo_config(configs["alpha"])
-        agent = DivergingAgent(AgentOptions(kit=kits / "alpha", server=f"127.0.0.1:{daemon.port}", silo=silo,
-                                            config_path=configs["alpha"], state_dir=tmp_path / "client", threads=1))
+        agent = DivergingAgent(
+            AgentOptions(
+                kit=kits / "alpha",
+                server=f"127.0.0.1:{daemon.port}",
+                silo=silo,
+                config_path=configs["alpha"],
+                state_dir=tmp_path / "client",
+                threads=1,
+            )
+        )
         outcome: dict[str, object] = {}
         thread = threading.Thread(target=lambda: outcome.setdefault("result", _run_catching(agent)), daemon=True)
         thread.start()
@@ -183,8 +201,13 @@ def test_health_serving_on_mtls_and_plaintext_ports(server, kits):
 
 def test_second_server_on_the_same_port_is_refused(server, kits, tmp_path):
     """gRPC would share the port (SO_REUSEPORT) and split the silos between two federations."""
-    opts = ServeOptions(kit=kits / "server", listen=f"127.0.0.1:{server.port}", state_dir=tmp_path / "state",
-                        metrics_port=0, health_port=0)
+    opts = ServeOptions(
+        kit=kits / "server",
+        listen=f"127.0.0.1:{server.port}",
+        state_dir=tmp_path / "state",
+        metrics_port=0,
+        health_port=0,
+    )
     second = ServerDaemon(GRPC_CONFIG, opts)
     with pytest.raises(ConfigError, match="could not bind"):
         second.start()
@@ -218,14 +241,18 @@ def test_clock_survives_a_failing_deadline_check(kits, tmp_path):
 def test_health_not_serving_after_stop(kits, tmp_path):
     daemon = start_server(kits / "server", tmp_path / "state")
     daemon.stop(grace=0)
-    assert daemon.health.Check(health_pb2.HealthCheckRequest(service=""), None).status == \
-        health_pb2.HealthCheckResponse.NOT_SERVING
+    assert (
+        daemon.health.Check(health_pb2.HealthCheckRequest(service=""), None).status
+        == health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 def test_prometheus_endpoint_serves_every_metric(server, round1):
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=RPC_TIMEOUT).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=RPC_TIMEOUT).read().decode()
+    )
     families = {f.name: f for f in text_string_to_metric_families(text)}
     registered = {f.name for f in server.metrics.registry.collect()}
     assert registered <= set(families), f"missing: {sorted(registered - set(families))}"

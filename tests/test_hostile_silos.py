@@ -27,7 +27,9 @@ def fingerprint() -> str:
     return build_backbone(tiny_config().model).fingerprint
 
 
-def declare(fingerprint: str, silo: str, task: TaskSpec, labels: list[str], samples: int = 10, **fields) -> SiloDeclaration:
+def declare(
+    fingerprint: str, silo: str, task: TaskSpec, labels: list[str], samples: int = 10, **fields
+) -> SiloDeclaration:
     seen = {task.name: labels} if task.kind == "classification" else {}
     return SiloDeclaration(silo, (task,), {task.name: samples}, seen, fingerprint, **fields)
 
@@ -41,21 +43,36 @@ def refused(federation: Federation, decl: SiloDeclaration, reason: str, words: s
     return info.value
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(device="x" * 300), "device: 300 characters"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], name="t" * 200),), train_samples={"t" * 200: 5}, labels_seen={}),
-     "names are 1 to 128 characters"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], domain="d" * 200),)), "names are 1 to 128 characters"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], labels=tuple(f"l{i}" for i in range(10_001))),)),
-     "10001 declared labels, at most 10000"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], labels=("red", "x" * 201)),)), "a label of 201 characters"),
-    (dict(labels_seen={"colour": ["red", "y" * 201]}), "a label of 201 characters"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], data={"path": "/etc/passwd"}),)), "carries no data settings"),
-    (dict(tasks=(dataclasses.replace(TASKS["colour"], labels=("red", "green")),), labels_seen={"colour": ["blue"]}),
-     "not in its declared labels"),
-    (dict(fingerprint="f" * 1000), "a SHA-256 in hex has 64"),
-    (dict(train_samples={"colour": 2_000_000_000}), "limits.max_train_samples"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(device="x" * 300), "device: 300 characters"),
+        (
+            dict(
+                tasks=(dataclasses.replace(TASKS["colour"], name="t" * 200),),
+                train_samples={"t" * 200: 5},
+                labels_seen={},
+            ),
+            "names are 1 to 128 characters",
+        ),
+        (dict(tasks=(dataclasses.replace(TASKS["colour"], domain="d" * 200),)), "names are 1 to 128 characters"),
+        (
+            dict(tasks=(dataclasses.replace(TASKS["colour"], labels=tuple(f"l{i}" for i in range(10_001))),)),
+            "10001 declared labels, at most 10000",
+        ),
+        (dict(tasks=(dataclasses.replace(TASKS["colour"], labels=("red", "x" * 201)),)), "a label of 201 characters"),
+        (dict(labels_seen={"colour": ["red", "y" * 201]}), "a label of 201 characters"),
+        (dict(tasks=(dataclasses.replace(TASKS["colour"], data={"path": "/etc/passwd"}),)), "carries no data settings"),
+        (
+            dict(
+                tasks=(dataclasses.replace(TASKS["colour"], labels=("red", "green")),), labels_seen={"colour": ["blue"]}
+            ),
+            "not in its declared labels",
+        ),
+        (dict(fingerprint="f" * 1000), "a SHA-256 in hex has 64"),
+        (dict(train_samples={"colour": 2_000_000_000}), "limits.max_train_samples"),
+    ],
+)
 def test_declarations_out_of_bounds_are_refused(change, words, fingerprint):
     config = tiny_config()
     federation = Federation(config, expected_silos=3)
@@ -68,8 +85,9 @@ def test_the_labels_of_all_a_silos_tasks_are_bounded_together(fingerprint):
     config = dataclasses.replace(tiny_config(), limits=LimitsConfig(max_labels_per_task=100, max_labels_per_silo=150))
     federation = Federation(config, expected_silos=3)
     tasks = tuple(dataclasses.replace(TASKS["colour"], name=f"t{i}") for i in range(2))
-    decl = SiloDeclaration("b", tasks, {t.name: 5 for t in tasks}, {t.name: [f"l{i}" for i in range(80)] for t in tasks},
-                           fingerprint)
+    decl = SiloDeclaration(
+        "b", tasks, {t.name: 5 for t in tasks}, {t.name: [f"l{i}" for i in range(80)] for t in tasks}, fingerprint
+    )
     refused(federation, decl, "bad_declaration", "160 labels over the silo's tasks, at most 150")
 
 
@@ -112,8 +130,12 @@ def test_labels_added_to_a_shared_task_are_bounded_across_the_federation(fingerp
     federation = Federation(config, expected_silos=3)
     shared = dataclasses.replace(TEXT, shared_labels=True)
     federation.register(declare(fingerprint, "honest", shared, [f"h{i}" for i in range(30)]))
-    refused(federation, declare(fingerprint, "adder", shared, [f"a{i}" for i in range(30)]), "tasks_conflict",
-            "would have 60 labels across the federation")
+    refused(
+        federation,
+        declare(fingerprint, "adder", shared, [f"a{i}" for i in range(30)]),
+        "tasks_conflict",
+        "would have 60 labels across the federation",
+    )
     assert federation.status().joined == ("honest",)
 
 
@@ -124,8 +146,12 @@ def test_a_declaration_that_would_make_another_silos_plan_too_large_is_refused(f
     shared = dataclasses.replace(TEXT, shared_labels=True)
     federation.register(declare(fingerprint, "honest", shared, ["neg", "pos"]))
     long_labels = ["\u4e00" * 190 + str(i) for i in range(10)]  # JSON escapes each character as 6 bytes
-    error = refused(federation, declare(fingerprint, "bloater", shared, long_labels), "oversize",
-                    "the plan of silo (bloater|honest) would take")
+    error = refused(
+        federation,
+        declare(fingerprint, "bloater", shared, long_labels),
+        "oversize",
+        "the plan of silo (bloater|honest) would take",
+    )
     assert error.status == "RESOURCE_EXHAUSTED" and "limits.max_plan_bytes" in str(error)
     federation.register(declare(fingerprint, "fine", shared, ["neg", "maybe"]))
     assert federation.status().joined == ("fine", "honest")
@@ -172,8 +198,9 @@ def test_an_update_far_beyond_the_global_norm_is_refused_and_leaves_no_trace(fin
     assert info.value.reason == "update_norm" and federation.status().received == ()
     nan_stats = RoundStats(replacements=[ReplacementEvent(1, "reviews", float("nan"), 1.0, 0.01, [])])
     with pytest.raises(Rejected) as info:
-        federation.submit_update(dataclasses.replace(_update("honest", payload["honest"], payload["honest"].values, 10),
-                                                     stats=nan_stats))
+        federation.submit_update(
+            dataclasses.replace(_update("honest", payload["honest"], payload["honest"].values, 10), stats=nan_stats)
+        )
     assert info.value.reason == "non_finite" and federation.status().received == ()
 
 
@@ -250,8 +277,9 @@ def test_a_revoked_silo_is_not_waited_for_in_a_round_nor_selected_again(fingerpr
     assert federation.report()["history"][-1]["refused"] == {"rogue": "revoked"}
     federation.withdraw(set())  # provisioned again: selected from the next round on
     for silo in ("honest-a", "honest-b"):
-        federation.submit_update(_update(silo, federation.payload(silo, 2), federation.payload(silo, 2).values,
-                                         samples[silo]))
+        federation.submit_update(
+            _update(silo, federation.payload(silo, 2), federation.payload(silo, 2).values, samples[silo])
+        )
     assert federation.status().phase == "finishing"
 
 
@@ -281,12 +309,19 @@ def test_results_are_bounded_and_match_the_plan(fingerprint):
         federation.submit_update(_update(silo, payload[silo], payload[silo].values, samples[silo]))
     good = TaskResult("a", "reviews", "classification", {"accuracy": 0.5}, 0.5)
     for result, reason, words in (
-            (SiloResult("a", [dataclasses.replace(good, kind="k" * 1000)]), "bad_result", "the plan says classification"),
-            (SiloResult("a", [dataclasses.replace(good, metrics={f"m{i}": 0.5 for i in range(33)})]), "bad_result",
-             "33 metrics for one task"),
-            (SiloResult("a", [dataclasses.replace(good, metrics={"m" * 200: 0.5})]), "bad_result", "names are 1 to 128"),
-            (SiloResult("a", [good], stage1_metrics={"reviews": {f"m{i}": 0.5 for i in range(40)}}), "bad_result",
-             "40 metrics")):
+        (SiloResult("a", [dataclasses.replace(good, kind="k" * 1000)]), "bad_result", "the plan says classification"),
+        (
+            SiloResult("a", [dataclasses.replace(good, metrics={f"m{i}": 0.5 for i in range(33)})]),
+            "bad_result",
+            "33 metrics for one task",
+        ),
+        (SiloResult("a", [dataclasses.replace(good, metrics={"m" * 200: 0.5})]), "bad_result", "names are 1 to 128"),
+        (
+            SiloResult("a", [good], stage1_metrics={"reviews": {f"m{i}": 0.5 for i in range(40)}}),
+            "bad_result",
+            "40 metrics",
+        ),
+    ):
         with pytest.raises(Rejected, match=words) as info:
             federation.submit_result(result)
         assert info.value.reason == reason

@@ -99,8 +99,11 @@ def test_the_watch_cuts_idle_and_overlong_streams_only():
     limits = LimitsConfig(stream_idle_s=5, stream_max_s=60)
     clock, metrics, limiter, watch = watch_with(limits, {b"a": "a", b"b": "b"})
     upload, download, poll = Context(), Context(), Context()
-    with limiter.call("a", "upload", upload, b"a") as up, limiter.call("b", "download", download, b"b") as down, \
-            limiter.call("a", "poll", poll, b"a"):
+    with (
+        limiter.call("a", "upload", upload, b"a") as up,
+        limiter.call("b", "download", download, b"b") as down,
+        limiter.call("a", "poll", poll, b"a"),
+    ):
         with up.waiting(clock):
             clock.now += 4
             assert watch.sweep() == 3 and not upload.cancelled  # within the idle timeout
@@ -119,8 +122,11 @@ def test_the_watch_ends_every_call_of_a_revoked_silo():
     identities: dict[bytes, str | Rejected] = {b"rogue": "rogue", b"honest": "honest"}
     clock, metrics, limiter, watch = watch_with(LimitsConfig(), identities)
     rogue_poll, rogue_upload, honest_poll = Context(), Context(), Context()
-    with limiter.call("rogue", "poll", rogue_poll, b"rogue"), limiter.call("rogue", "upload", rogue_upload, b"rogue"), \
-            limiter.call("honest", "poll", honest_poll, b"honest"):
+    with (
+        limiter.call("rogue", "poll", rogue_poll, b"rogue"),
+        limiter.call("rogue", "upload", rogue_upload, b"rogue"),
+        limiter.call("honest", "poll", honest_poll, b"honest"),
+    ):
         watch.sweep()
         assert not rogue_poll.cancelled
         identities[b"rogue"] = Rejected("revoked", "the certificate of silo rogue was revoked")
@@ -136,19 +142,22 @@ def test_the_watch_ends_every_call_of_a_revoked_silo():
 # ------------------------------------------------------------------------ intake
 
 
-@pytest.mark.parametrize("text, reason, words", [
-    ('{"n": Infinity}', "malformed", "not a number JSON allows"),
-    ('{"n": -Infinity}', "malformed", "not a number JSON allows"),
-    ('{"n": NaN}', "malformed", "not a number JSON allows"),
-    ('{"n": 1e400}', "malformed", "out of range"),
-    ('{"n": -1e400}', "malformed", "out of range"),
-    ('{"n": 1' + "0" * 400 + "}", "malformed", "out of range"),
-    ("[" * 100_000 + "]" * 100_000, "malformed", "nested too deeply"),
-    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "malformed", "nested too deeply"),
-    ("[1, 2]", "malformed", "not a JSON object"),
-    ("{", "malformed", "not valid JSON"),
-    ('{"pad": "' + "x" * 2000 + '"}', "oversize", "at most 1024"),
-])
+@pytest.mark.parametrize(
+    "text, reason, words",
+    [
+        ('{"n": Infinity}', "malformed", "not a number JSON allows"),
+        ('{"n": -Infinity}', "malformed", "not a number JSON allows"),
+        ('{"n": NaN}', "malformed", "not a number JSON allows"),
+        ('{"n": 1e400}', "malformed", "out of range"),
+        ('{"n": -1e400}', "malformed", "out of range"),
+        ('{"n": 1' + "0" * 400 + "}", "malformed", "out of range"),
+        ("[" * 100_000 + "]" * 100_000, "malformed", "nested too deeply"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "malformed", "nested too deeply"),
+        ("[1, 2]", "malformed", "not a JSON object"),
+        ("{", "malformed", "not valid JSON"),
+        ('{"pad": "' + "x" * 2000 + '"}', "oversize", "at most 1024"),
+    ],
+)
 def test_json_that_python_would_take_or_choke_on_is_refused(text, reason, words):
     with pytest.raises(Rejected, match=words) as info:
         parse_json(text, "declaration_json", 1024 if reason == "oversize" else 10_000_000)
@@ -156,8 +165,10 @@ def test_json_that_python_would_take_or_choke_on_is_refused(text, reason, words)
 
 
 def test_json_within_bounds_is_parsed_as_json():
-    assert parse_json('{"a": [1, 2.5, -9223372036854775807, 1e308, "x"], "b": null}', "x", 1000) == \
-        {"a": [1, 2.5, -9223372036854775807, 1e308, "x"], "b": None}
+    assert parse_json('{"a": [1, 2.5, -9223372036854775807, 1e308, "x"], "b": null}', "x", 1000) == {
+        "a": [1, 2.5, -9223372036854775807, 1e308, "x"],
+        "b": None,
+    }
 
 
 def test_bytes_that_are_no_message_or_too_large_arrive_as_a_refusal():
@@ -181,16 +192,19 @@ def test_frames_received_as_bytes_are_still_bounded():
 # ------------------------------------------------------------ robust aggregation
 
 
-@pytest.mark.parametrize("declared, share, expected", [
-    ({"a": 1e9, "b": 10.0}, 0.5, {"a": 10.0, "b": 10.0}),  # the 1e9-sample silo: half of the total, not all of it
-    ({"a": 10.0, "b": 6.0}, 0.5, {"a": 6.0, "b": 6.0}),
-    ({"a": 100.0, "b": 1.0, "c": 1.0}, 0.5, {"a": 2.0, "b": 1.0, "c": 1.0}),
-    ({"a": 100.0, "b": 50.0, "c": 10.0, "d": 10.0}, 0.4, {"a": 40.0, "b": 40.0, "c": 10.0, "d": 10.0}),
-    ({"a": 5.0, "b": 4.0, "c": 3.0}, 0.5, {"a": 5.0, "b": 4.0, "c": 3.0}),  # nobody above half: unchanged
-    ({"a": 9.0, "b": 1.0}, 0.3, {"a": 1.0, "b": 1.0}),  # 0.3 < 1/2 is impossible: equal weights
-    ({"a": 9.0, "b": 1.0}, None, {"a": 9.0, "b": 1.0}),
-    ({"a": 9.0}, 0.5, {"a": 9.0}),  # a component only one silo holds is that silo's
-])
+@pytest.mark.parametrize(
+    "declared, share, expected",
+    [
+        ({"a": 1e9, "b": 10.0}, 0.5, {"a": 10.0, "b": 10.0}),  # the 1e9-sample silo: half of the total, not all of it
+        ({"a": 10.0, "b": 6.0}, 0.5, {"a": 6.0, "b": 6.0}),
+        ({"a": 100.0, "b": 1.0, "c": 1.0}, 0.5, {"a": 2.0, "b": 1.0, "c": 1.0}),
+        ({"a": 100.0, "b": 50.0, "c": 10.0, "d": 10.0}, 0.4, {"a": 40.0, "b": 40.0, "c": 10.0, "d": 10.0}),
+        ({"a": 5.0, "b": 4.0, "c": 3.0}, 0.5, {"a": 5.0, "b": 4.0, "c": 3.0}),  # nobody above half: unchanged
+        ({"a": 9.0, "b": 1.0}, 0.3, {"a": 1.0, "b": 1.0}),  # 0.3 < 1/2 is impossible: equal weights
+        ({"a": 9.0, "b": 1.0}, None, {"a": 9.0, "b": 1.0}),
+        ({"a": 9.0}, 0.5, {"a": 9.0}),  # a component only one silo holds is that silo's
+    ],
+)
 def test_capped_weights(declared, share, expected):
     weights, capped = capped_weights({silo: {"head.x": w} for silo, w in declared.items()}, share)
     assert {silo: w["head.x"] for silo, w in weights.items()} == pytest.approx(expected)
@@ -235,17 +249,20 @@ def test_limits_and_aggregation_config_is_validated():
 
     base = FederationConfig()
     validate_federation(base)
-    for change, words in ((dict(limits=LimitsConfig(polls_per_silo=0)), "polls_per_silo"),
-                          (dict(limits=LimitsConfig(stream_idle_s=10, stream_max_s=5)), "stream_max_s"),
-                          (dict(limits=LimitsConfig(max_plan_bytes=100)), "max_plan_bytes"),
-                          (dict(limits=LimitsConfig(streams_per_connection=2)), "streams_per_connection"),
-                          (dict(aggregation=AggregationConfig(max_weight_share=0.0)), "max_weight_share"),
-                          (dict(aggregation=AggregationConfig(max_weight_share=1.5)), "max_weight_share"),
-                          (dict(aggregation=AggregationConfig(max_update_norm_ratio=-1.0)), "max_update_norm_ratio")):
+    for change, words in (
+        (dict(limits=LimitsConfig(polls_per_silo=0)), "polls_per_silo"),
+        (dict(limits=LimitsConfig(stream_idle_s=10, stream_max_s=5)), "stream_max_s"),
+        (dict(limits=LimitsConfig(max_plan_bytes=100)), "max_plan_bytes"),
+        (dict(limits=LimitsConfig(streams_per_connection=2)), "streams_per_connection"),
+        (dict(aggregation=AggregationConfig(max_weight_share=0.0)), "max_weight_share"),
+        (dict(aggregation=AggregationConfig(max_weight_share=1.5)), "max_weight_share"),
+        (dict(aggregation=AggregationConfig(max_update_norm_ratio=-1.0)), "max_update_norm_ratio"),
+    ):
         with pytest.raises(ConfigError, match=words):
             validate_federation(dataclasses.replace(base, **change))
-    validate_federation(dataclasses.replace(base, aggregation=AggregationConfig(max_weight_share=0.5,
-                                                                               max_update_norm_ratio=None)))
+    validate_federation(
+        dataclasses.replace(base, aggregation=AggregationConfig(max_weight_share=0.5, max_update_norm_ratio=None))
+    )
 
 
 def test_cancel_falls_back_to_the_public_cancel():

@@ -62,11 +62,18 @@ def test_the_same_rows_as_the_training_reader_gives_for_a_test_file(tmp_path):
         lines.append(json.dumps({"file": f"img/{i}.png", "question": f"what is {i}", "answer": "x"}))
     (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
-    data = {"format": "jsonl", "path": str(tmp_path / "train.jsonl"), "test_path": str(tmp_path / "test.jsonl"),
-            "images_key": "file", "prompt_key": "question", "target_key": "answer"}
+    data = {
+        "format": "jsonl",
+        "path": str(tmp_path / "train.jsonl"),
+        "test_path": str(tmp_path / "test.jsonl"),
+        "images_key": "file",
+        "prompt_key": "question",
+        "target_key": "answer",
+    }
     test = load_task_data(TaskSpec("vqa", "text_generation", ("image", "text"), data=data), S).test
-    rows = read_inputs(tmp_path / "test.jsonl", VQA, trained_columns(TaskSpec("vqa", "text_generation",
-                                                                              ("image", "text"), data=data)))
+    rows = read_inputs(
+        tmp_path / "test.jsonl", VQA, trained_columns(TaskSpec("vqa", "text_generation", ("image", "text"), data=data))
+    )
     got = rows.examples(np.arange(rows.n), S)
     assert got.texts == test.texts
     np.testing.assert_array_equal(got.images, test.images)
@@ -95,9 +102,15 @@ def test_a_labelled_image_folder_still_reads_labels_and_ignores_loose_files(tmp_
     for label in ("cat", "dog"):
         for i in range(3):
             png(tmp_path / "train" / label / f"{i}.png", (10, 20, 30))
-    data = load_task_data(TaskSpec("t", "classification", ("image",),
-                                   data={"format": "imagefolder", "path": str(tmp_path / "train"),
-                                         "test_fraction": 0.34}), S)
+    data = load_task_data(
+        TaskSpec(
+            "t",
+            "classification",
+            ("image",),
+            data={"format": "imagefolder", "path": str(tmp_path / "train"), "test_fraction": 0.34},
+        ),
+        S,
+    )
     assert sorted(set(data.train.labels + data.test.labels)) == ["cat", "dog"]
     assert len(data.train) + len(data.val) + len(data.test) == 6
 
@@ -153,8 +166,11 @@ def test_unreadable_image_names_file_row_and_column(tmp_path):
     path = write_csv(tmp_path / "new.csv", ["image"], [["ok.png"], ["broken.png"], ["gone.png"]])
     rows = read_inputs(path, IMAGE)
     assert rows.examples(np.array([0]), S).images.shape == (1, 3, S, S)
-    with pytest.raises(DataError, match=r"\(--image-column\): data row 2 of .*new.csv \(column 'image'\) "
-                                        r"cannot be read as an image"):
+    with pytest.raises(
+        DataError,
+        match=r"\(--image-column\): data row 2 of .*new.csv \(column 'image'\) "
+        r"cannot be read as an image",
+    ):
         rows.examples(np.array([0, 1]), S)
     with pytest.raises(DataError, match=r"data row 3 .* image file not found"):
         rows.examples(np.array([2]), S)
@@ -182,8 +198,10 @@ def test_silo_label_subset_prefers_the_declared_list_and_keeps_head_order():
 def test_silo_label_subsets_use_training_rows_never_test_rows():
     own = [TaskSpec("t", "classification", ("text",)), TaskSpec("g", "text_generation", ("text",))]
     head = [TaskSpec("t", "classification", ("text",), labels=("a", "b", "c")), own[1]]
-    data = {"t": TaskData(Examples(labels=["a"]), Examples(labels=["b"]), Examples(labels=["c"])),
-            "g": TaskData(Examples(), Examples(), Examples())}
+    data = {
+        "t": TaskData(Examples(labels=["a"]), Examples(labels=["b"]), Examples(labels=["c"])),
+        "g": TaskData(Examples(), Examples(), Examples()),
+    }
     assert silo_label_subsets(own, data, head) == {"t": ("a", "b")}
 
 

@@ -38,7 +38,9 @@ def prometheus_config(directory: Path, server_metrics: int, client_metrics: dict
     jobs["tap-server"]["static_configs"] = [{"targets": [f"127.0.0.1:{server_metrics}"], "labels": {"role": "server"}}]
     labels = [sc["labels"] for sc in jobs["tap-clients"]["static_configs"]]
     jobs["tap-clients"]["static_configs"] = [
-        {"targets": [f"127.0.0.1:{port}"], "labels": {**labels[0], "silo": silo}} for silo, port in client_metrics.items()]
+        {"targets": [f"127.0.0.1:{port}"], "labels": {**labels[0], "silo": silo}}
+        for silo, port in client_metrics.items()
+    ]
     config["scrape_configs"] = [jobs["tap-server"], jobs["tap-clients"]]
     rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
     for group in rules["groups"]:
@@ -57,9 +59,16 @@ class Prometheus:
         self.port = free_port()
         self.log = directory / "prometheus.log"
         self.process = subprocess.Popen(
-            [shutil.which("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={directory / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h"],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+            [
+                shutil.which("prometheus"),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            stdout=open(self.log, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         wait_for(self.ready, 60, "Prometheus to start", on_timeout=lambda: self.log.read_text()[-3000:])
 
     def ready(self) -> bool:
@@ -102,8 +111,9 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
     agents = {}
     try:
         wait_for(lambda: metrics_up(metrics), 90, "tap-server metrics", on_timeout=lambda: fed.log("server"))
-        agents = {s: fed.start(fed.client_command(s, port, "--metrics-port", str(client_metrics[s])), s)
-                  for s in fed.silos}
+        agents = {
+            s: fed.start(fed.client_command(s, port, "--metrics-port", str(client_metrics[s])), s) for s in fed.silos
+        }
         for silo, agent in agents.items():
             assert agent.wait(timeout=300) == 0, fed.log(silo)
         # the server keeps serving after the federation (no --exit-when-done), as in Kubernetes
@@ -112,8 +122,15 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
         # the server's series, and each agent's, labelled by silo (the agents stop once done: query the past)
         names = set(prometheus.api("label/__name__/values"))
         server_names = {n for n in names if n.startswith("tap_") and not n.startswith("tap_client_")}
-        assert {"tap_round", "tap_rounds_completed_total", "tap_clients_joined", "tap_phase",
-                "tap_certificate_days_left", "tap_bytes_sent_total", "tap_updates_received_total"} <= server_names
+        assert {
+            "tap_round",
+            "tap_rounds_completed_total",
+            "tap_clients_joined",
+            "tap_phase",
+            "tap_certificate_days_left",
+            "tap_bytes_sent_total",
+            "tap_updates_received_total",
+        } <= server_names
         assert prometheus.query('max(tap_rounds_completed_total{job="tap-server"})')[0]["value"][1] == "2"
         # (an agent may finish its last round and exit between two scrapes: at least round 1 was seen)
         rounds = prometheus.query('max by (silo) (max_over_time(tap_client_round{job="tap-clients"}[10m]))')
@@ -128,7 +145,9 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
             return rules if all(r["health"] != "unknown" for r in rules) else None
 
         rules = wait_for(evaluated, 30, "every rule to be evaluated")
-        assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"])
+        assert len(rules) == sum(
+            len(g["rules"]) for g in yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())["groups"]
+        )
         broken = {r["name"]: r.get("lastError") for r in rules if r["health"] != "ok"}
         assert not broken, broken
         own = read_metrics(metrics)
@@ -139,13 +158,19 @@ def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
 
         # conditions made true: certificates provisioned for 10 days, then the server stopped
         expiring = wait_for(lambda: prometheus.firing("TapCertificateExpiringSoon"), 30, "TapCertificateExpiringSoon")
-        assert {(a["labels"]["certificate"], a["labels"].get("silo", "")) for a in expiring} == \
-            {("server", ""), *(("silo", s) for s in fed.silos)}
+        assert {(a["labels"]["certificate"], a["labels"].get("silo", "")) for a in expiring} == {
+            ("server", ""),
+            *(("silo", s) for s in fed.silos),
+        }
         assert not prometheus.firing("TapServerMetricsAbsent")
         server.terminate()
         assert server.wait(timeout=30) == 0
-        absent = wait_for(lambda: prometheus.firing("TapServerMetricsAbsent"), 60, "TapServerMetricsAbsent to fire",
-                          on_timeout=lambda: json.dumps(prometheus.api("alerts"))[:2000])
+        absent = wait_for(
+            lambda: prometheus.firing("TapServerMetricsAbsent"),
+            60,
+            "TapServerMetricsAbsent to fire",
+            on_timeout=lambda: json.dumps(prometheus.api("alerts"))[:2000],
+        )
         assert absent[0]["labels"]["job"] == "tap-server" and absent[0]["labels"]["severity"] == "critical"
     finally:
         for process in [server, *agents.values()]:

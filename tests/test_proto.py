@@ -28,10 +28,17 @@ def test_generated_code_matches_the_proto(tmp_path):
         pytest.skip("grpcio-tools is not installed (pip install -e '.[test]')")
     pinned = pinned_grpcio_tools()
     if installed != pinned:
-        pytest.skip(f"grpcio-tools {installed} is installed, but the committed code was generated with {pinned} "
-                    f"(the version pinned in pyproject's test extra)")
-    result = subprocess.run([sys.executable, "-m", "tap_core.proto.generate", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+        pytest.skip(
+            f"grpcio-tools {installed} is installed, but the committed code was generated with {pinned} "
+            f"(the version pinned in pyproject's test extra)"
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "tap_core.proto.generate", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     generated = tmp_path / "tap" / "v1"
     names = sorted(p.name for p in generated.glob("*_pb2*.py*"))
@@ -40,7 +47,8 @@ def test_generated_code_matches_the_proto(tmp_path):
     for name in names:
         assert (generated / name).read_bytes() == (COMMITTED / name).read_bytes(), (
             f"tap_core/proto/tap/v1/{name} differs from what proto/tap/v1/*.proto generates: "
-            "run `python -m tap_core.proto.generate` and commit the result")
+            "run `python -m tap_core.proto.generate` and commit the result"
+        )
 
 
 def test_every_proto_has_generated_code():

@@ -15,8 +15,12 @@ from tap_server.provision import SiloRegistry, add_silo, cert_fingerprint, provi
 
 def test_provision_writes_private_keys_and_fingerprints(tmp_path):
     provision(tmp_path, ["clinic-a", "lab_b"], ["fl.example.org", "10.0.0.7"])
-    for key in (tmp_path / "ca" / "ca.key", tmp_path / "server" / "server.key", tmp_path / "clinic-a" / "client.key",
-                tmp_path / "lab_b" / "client.key"):
+    for key in (
+        tmp_path / "ca" / "ca.key",
+        tmp_path / "server" / "server.key",
+        tmp_path / "clinic-a" / "client.key",
+        tmp_path / "lab_b" / "client.key",
+    ):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     registry = json.loads((tmp_path / "server" / "silos.json").read_text())
     assert set(registry["silos"]) == {"clinic-a", "lab_b"} and registry["revoked"] == {}

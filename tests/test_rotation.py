@@ -24,8 +24,15 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ops_federation import (free_port, make_tiny_federation, metrics_up, read_metrics, rounds_completed, tiny_config,
-                            wait_for)
+from ops_federation import (
+    free_port,
+    make_tiny_federation,
+    metrics_up,
+    read_metrics,
+    rounds_completed,
+    tiny_config,
+    wait_for,
+)
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.proto.tap.v1 import federation_pb2_grpc as pb_grpc
 from tap_server.cli import main as server_cli
@@ -35,15 +42,17 @@ RPC_TIMEOUT = 10
 
 
 def start_daemon(fed, state: Path, **options) -> ServerDaemon:
-    opts = ServeOptions(kit=fed.kits / "server", listen="127.0.0.1:0", state_dir=state, metrics_port=0, health_port=0,
-                        **options)
+    opts = ServeOptions(
+        kit=fed.kits / "server", listen="127.0.0.1:0", state_dir=state, metrics_port=0, health_port=0, **options
+    )
     return ServerDaemon(fed.config, opts).start()
 
 
 def hello(daemon: ServerDaemon, kit: Path) -> str:
     """The Hello RPC with the certificate in ``kit``: the silo id, or the gRPC error code's name."""
-    creds = grpc.ssl_channel_credentials((kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(),
-                                         (kit / "client.crt").read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        (kit / "ca.crt").read_bytes(), (kit / "client.key").read_bytes(), (kit / "client.crt").read_bytes()
+    )
     with grpc.secure_channel(f"127.0.0.1:{daemon.port}", creds) as channel:
         try:
             return pb_grpc.FederationStub(channel).Hello(pb.HelloRequest(), timeout=RPC_TIMEOUT).silo_id
@@ -73,14 +82,20 @@ def rotate(*args: str):
 
 def days_left(daemon: ServerDaemon) -> dict[tuple[str, str], float]:
     samples = read_metrics(daemon.metrics_port)
-    return {(dict(labels)["certificate"], dict(labels)["silo"]): value
-            for (name, labels), value in samples.items() if name == "tap_certificate_days_left"}
+    return {
+        (dict(labels)["certificate"], dict(labels)["silo"]): value
+        for (name, labels), value in samples.items()
+        if name == "tap_certificate_days_left"
+    }
 
 
 def liveness(daemon: ServerDaemon) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{daemon.health_port}") as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                         timeout=RPC_TIMEOUT).status
+        return (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(service=""), timeout=RPC_TIMEOUT)
+            .status
+        )
 
 
 def test_rotation_renews_server_and_silo_certificates_while_serving(tmp_path):
@@ -103,7 +118,9 @@ def test_rotation_renews_server_and_silo_certificates_while_serving(tmp_path):
 
         new_server = pem_sha256(fed.kits / "server" / "server.crt")
         assert new_server != old_server
-        assert served_certificate(daemon.port, fed.kits / "beta") == new_server, "the running server reloads its certificate"
+        assert served_certificate(daemon.port, fed.kits / "beta") == new_server, (
+            "the running server reloads its certificate"
+        )
         after = days_left(daemon)
         assert 29 < after[("server", "")] <= 30 and 29 < after[("silo", "alpha")] <= 30
         assert 364 < after[("silo", "beta")] <= 365
@@ -116,7 +133,9 @@ def test_rotation_renews_server_and_silo_certificates_while_serving(tmp_path):
         assert hello(daemon, fed.kits / "beta") == "beta", "other silos are untouched"
         status = daemon.federation.status()
         assert (status.round, status.phase) == round_before, "the federation did not move"
-        rejected = daemon.metrics.registry.get_sample_value("tap_rejected_requests_total", {"reason": "retired_certificate"})
+        rejected = daemon.metrics.registry.get_sample_value(
+            "tap_rejected_requests_total", {"reason": "retired_certificate"}
+        )
         assert rejected == 1
     finally:
         daemon.stop(grace=0)
@@ -167,8 +186,9 @@ def test_liveness_fails_when_the_mtls_server_is_wedged(tmp_path):
             daemon._executor.submit(release.wait)
         wait_for(lambda: liveness(daemon) == health_pb2.HealthCheckResponse.NOT_SERVING, 20, "liveness to fail")
         with grpc.insecure_channel(f"127.0.0.1:{daemon.health_port}") as channel:
-            ready = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                                              timeout=RPC_TIMEOUT)
+            ready = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=RPC_TIMEOUT
+            )
         assert ready.status == health_pb2.HealthCheckResponse.SERVING, "readiness is about the state, not the workers"
         release.set()
         wait_for(lambda: liveness(daemon) == health_pb2.HealthCheckResponse.SERVING, 20, "liveness to recover")
@@ -190,10 +210,19 @@ def test_federation_finishes_with_every_round_when_certificates_rotate_mid_way(t
     server = fed.start(fed.server_command(port, health, metrics, "--exit-when-done"), "server")
     agents = {}
     try:
-        wait_for(lambda: server.poll() is None and metrics_up(metrics), 60, "the server", on_timeout=lambda: fed.log("server"))
+        wait_for(
+            lambda: server.poll() is None and metrics_up(metrics),
+            60,
+            "the server",
+            on_timeout=lambda: fed.log("server"),
+        )
         agents = {s: fed.start(fed.client_command(s, port), s) for s in fed.silos}
-        wait_for(lambda: rounds_completed(fed.state / "server") >= 1, 180, "round 1 to complete",
-                 on_timeout=lambda: fed.log("server") + fed.log("alpha"))
+        wait_for(
+            lambda: rounds_completed(fed.state / "server") >= 1,
+            180,
+            "round 1 to complete",
+            on_timeout=lambda: fed.log("server") + fed.log("alpha"),
+        )
         rotate("--out", str(fed.kits), "--server", "--silo", "alpha")
         agents["alpha"].send_signal(signal.SIGTERM)
         assert agents["alpha"].wait(timeout=60) in (0, -signal.SIGTERM), fed.log("alpha")

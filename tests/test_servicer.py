@@ -61,9 +61,11 @@ def test_identity_is_the_certificate(server, kits):
 
 def test_client_certificate_from_another_ca_is_refused(server, kits, other_kits):
     before = server.federation.status().joined
-    creds = grpc.ssl_channel_credentials((kits / "ca" / "ca.crt").read_bytes(),
-                                         (other_kits / "alpha" / "client.key").read_bytes(),
-                                         (other_kits / "alpha" / "client.crt").read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        (kits / "ca" / "ca.crt").read_bytes(),
+        (other_kits / "alpha" / "client.key").read_bytes(),
+        (other_kits / "alpha" / "client.crt").read_bytes(),
+    )
     channel, stub = stub_for(server, creds)
     with channel:
         err = rpc_error(stub.Hello, pb.HelloRequest())
@@ -93,8 +95,11 @@ def test_valid_certificate_of_unprovisioned_silo_is_refused(server, kits, tmp_pa
     before = rejected(server, "not_provisioned")
     channel, stub = stub_for(server, creds)
     with channel:
-        for call, request in ((stub.Hello, pb.HelloRequest()), (stub.Poll, pb.PollRequest()),
-                              (stub.Heartbeat, pb.HeartbeatRequest())):
+        for call, request in (
+            (stub.Hello, pb.HelloRequest()),
+            (stub.Poll, pb.PollRequest()),
+            (stub.Heartbeat, pb.HeartbeatRequest()),
+        ):
             err = rpc_error(call, request)
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED and reason_of(err) == "not_provisioned"
             assert "gamma" in err.details() and "not provisioned" in err.details()
@@ -139,7 +144,9 @@ def test_join_with_another_base_model_is_refused(server, kits):
     channel, stub = stub_for(server, credentials(kits / "beta"))
     with channel:
         before = rejected(server, "fingerprint_mismatch")
-        err = rpc_error(stub.Join, pb.JoinRequest(declaration_json=declaration("beta", BETA_TASK, 6, ["neg", "pos"], "0" * 64)))
+        err = rpc_error(
+            stub.Join, pb.JoinRequest(declaration_json=declaration("beta", BETA_TASK, 6, ["neg", "pos"], "0" * 64))
+        )
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "base model" in err.details()
         assert_refused(server, err, "fingerprint_mismatch", before)
         err = rpc_error(stub.Join, pb.JoinRequest(declaration_json="[1, 2]"))
@@ -151,8 +158,14 @@ def test_join_with_another_base_model_is_refused(server, kits):
 def test_malformed_requests_get_invalid_argument(server, round1):
     stub = round1["beta"]["stub"]
     task = {"silo": "x", "task": "reviews", "kind": "classification", "metrics": {"accuracy": 0.5}, "primary": 0.5}
-    for text in ("not json", "[1]", '{"tasks": 5}', '{"tasks": [], "kd_losses": [1]}',
-                 json.dumps({"tasks": [dict(task, metrics=[1, 2])]}), json.dumps({"tasks": [dict(task, metrics={"a": "b"})]})):
+    for text in (
+        "not json",
+        "[1]",
+        '{"tasks": 5}',
+        '{"tasks": [], "kd_losses": [1]}',
+        json.dumps({"tasks": [dict(task, metrics=[1, 2])]}),
+        json.dumps({"tasks": [dict(task, metrics={"a": "b"})]}),
+    ):
         err = rpc_error(stub.ReportResults, pb.ResultsRequest(results_json=text))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, err.details())
     # well-formed, but results are only taken once training is over
@@ -163,7 +176,6 @@ def test_malformed_requests_get_invalid_argument(server, round1):
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, err.details())
     status = server.federation.status()
     assert status.results == () and status.phase == "training"
-
 
 
 # ------------------------------------------------------------- upload validation
@@ -306,7 +318,10 @@ def test_message_over_the_grpc_limit_is_refused_as_oversize(server, round1):
     err = rpc_error(alpha["stub"].Upload, iter(frames))
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and reason_of(err) is None
     deadline = time.monotonic() + 5
-    while server.metrics.registry.get_sample_value("tap_calls_in_flight", {"kind": "upload"}) and time.monotonic() < deadline:
+    while (
+        server.metrics.registry.get_sample_value("tap_calls_in_flight", {"kind": "upload"})
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.05)
     assert server.metrics.registry.get_sample_value("tap_calls_in_flight", {"kind": "upload"}) == 0
     assert rejected(server, "cancelled") in (cancelled, cancelled + 1) and rejected(server, "internal") == internal
@@ -317,8 +332,10 @@ def test_download_of_another_round_is_refused(server, round1):
     stub = round1["alpha"]["stub"]
     for round_index, reason in ((0, "stale_round"), (2, "future_round")):
         before = rejected(server, reason)
-        err = rpc_error(lambda request, timeout: list(stub.Download(request, timeout=timeout)),
-                        pb.DownloadRequest(round=round_index))
+        err = rpc_error(
+            lambda request, timeout: list(stub.Download(request, timeout=timeout)),
+            pb.DownloadRequest(round=round_index),
+        )
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert_refused(server, err, reason, before)
 
@@ -330,7 +347,9 @@ def test_silo_added_later_is_admitted_without_restart_but_waits(server, kits):
         assert stub.Hello(pb.HelloRequest(), timeout=RPC_TIMEOUT).silo_id == "epsilon"
         assignment = stub.Poll(pb.PollRequest(wait_s=0), timeout=RPC_TIMEOUT)
         assert assignment.action == pb.Assignment.WAIT and "not joined" in assignment.message
-        err = rpc_error(lambda request, timeout: list(stub.Download(request, timeout=timeout)), pb.DownloadRequest(round=1))
+        err = rpc_error(
+            lambda request, timeout: list(stub.Download(request, timeout=timeout)), pb.DownloadRequest(round=1)
+        )
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -26,14 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 def synthetic_scenario(tmp_path_factory):
     """Three silos with every task kind, as npz files (bench/synthetic_scenario.py)."""
     out = tmp_path_factory.mktemp("synthetic")
-    subprocess.run([sys.executable, str(REPO / "bench" / "synthetic_scenario.py"), "--out", str(out),
-                    "--examples", "48"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "bench" / "synthetic_scenario.py"), "--out", str(out), "--examples", "48"],
+        check=True,
+        capture_output=True,
+    )
     return load_scenario(str(out / "scenario.yaml"))
 
 
 def config_for(scenario, algorithm: str):
-    return compose_config(scenario, algorithm=algorithm, rounds=2, seed=3,
-                          train=dict(local_steps=2, ft_steps=2, kd_steps=2, batch_size=8, eval_batch_size=16))
+    return compose_config(
+        scenario,
+        algorithm=algorithm,
+        rounds=2,
+        seed=3,
+        train=dict(local_steps=2, ft_steps=2, kd_steps=2, batch_size=8, eval_batch_size=16),
+    )
 
 
 def without_timing(report: dict) -> dict:
@@ -52,17 +60,23 @@ def test_two_workers_give_the_report_of_one_process(synthetic_scenario, algorith
 
 
 def test_a_workers_data_error_reaches_the_caller_with_its_class_and_message(synthetic_scenario, tmp_path):
-    broken = dataclasses.replace(synthetic_scenario.silos[1], tasks=tuple(
-        dataclasses.replace(t, data={**t.data, "path": str(tmp_path / "missing.npz")})
-        for t in synthetic_scenario.silos[1].tasks))
+    broken = dataclasses.replace(
+        synthetic_scenario.silos[1],
+        tasks=tuple(
+            dataclasses.replace(t, data={**t.data, "path": str(tmp_path / "missing.npz")})
+            for t in synthetic_scenario.silos[1].tasks
+        ),
+    )
     scenario = dataclasses.replace(synthetic_scenario, silos=(synthetic_scenario.silos[0], broken))
     with pytest.raises(DataError, match="missing.npz: file not found|file not found: .*missing.npz"):
         run_simulation(scenario, config_for(scenario, "tap"), workers=2)
 
 
 def test_component_values_cross_the_process_boundary_bit_for_bit():
-    values = {"head.a": {"out.weight": torch.randn(3, 4), "out.bias": torch.randn(3)},
-              "encoder.image": {"proj.weight": torch.randn(2, 2).to(torch.bfloat16)}}
+    values = {
+        "head.a": {"out.weight": torch.randn(3, 4), "out.bias": torch.randn(3)},
+        "encoder.image": {"proj.weight": torch.randn(2, 2).to(torch.bfloat16)},
+    }
     header, back = decode(encode({"cmd": "round", "round": 2}, values))
     assert header["cmd"] == "round" and header["round"] == 2
     assert back.keys() == values.keys()
@@ -74,8 +88,12 @@ def test_component_values_cross_the_process_boundary_bit_for_bit():
 
 def test_assignment_is_sticky_complete_and_balanced():
     task = {m: TaskSpec(f"t{m}", "classification", m) for m in (("image",), ("text",), ("image", "text"))}
-    silos = [SiloSpec("big", (task[("image", "text")], task[("image",)])), SiloSpec("a", (task[("image",)],)),
-             SiloSpec("b", (task[("text",)],)), SiloSpec("c", (task[("image",)],))]
+    silos = [
+        SiloSpec("big", (task[("image", "text")], task[("image",)])),
+        SiloSpec("a", (task[("image",)],)),
+        SiloSpec("b", (task[("text",)],)),
+        SiloSpec("c", (task[("image",)],)),
+    ]
     groups = assign(silos, 2)
     assert sorted(s.id for g in groups for s in g) == ["a", "b", "big", "c"]
     assert sorted(sum(silo_cost(s) for s in g) for g in groups) == [5, 6]
@@ -101,9 +119,11 @@ def test_a_worker_ends_when_its_driver_is_killed(tmp_path):
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
         "    p = multiprocessing.get_context('spawn').Process(target=child, args=(os.getpid(),))\n"
-        "    p.start(); print(p.pid, flush=True); time.sleep(60)\n")
-    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        "    p.start(); print(p.pid, flush=True); time.sleep(60)\n"
+    )
+    driver = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     child = int(driver.stdout.readline())
     driver.kill()
     driver.wait()

@@ -9,13 +9,28 @@ from click.testing import CliRunner
 
 from tap_cli.cli import main
 
-FAST = ["--model", "tiny", "--rounds", "2", "--local-steps", "2", "--ft-steps", "2", "--kd-steps", "2",
-        "--batch-size", "8", "--no-progress"]
+FAST = [
+    "--model",
+    "tiny",
+    "--rounds",
+    "2",
+    "--local-steps",
+    "2",
+    "--ft-steps",
+    "2",
+    "--kd-steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--no-progress",
+]
 
 
 def simulate(tmp_path, *args: str) -> dict:
     report = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["simulate", "--scenario", "tap-bench-mini", *FAST, "--report", str(report), *args])
+    result = CliRunner().invoke(
+        main, ["simulate", "--scenario", "tap-bench-mini", *FAST, "--report", str(report), *args]
+    )
     assert result.exit_code == 0, result.output
     return json.loads(report.read_text()), result.output
 

@@ -64,7 +64,13 @@ def test_teacher_outputs_are_the_teachers_forward_on_each_micro_batch(setup):
 
 
 def test_teacher_windows_cover_every_micro_step_within_the_budget():
-    draws = [torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([1, 4]), torch.tensor([5, 6]), torch.tensor([7, 8])]
+    draws = [
+        torch.tensor([0, 1]),
+        torch.tensor([2, 3]),
+        torch.tensor([1, 4]),
+        torch.tensor([5, 6]),
+        torch.tensor([7, 8]),
+    ]
     cost = torch.full((9,), 10)
     spans = windows(draws, cost, budget_bytes=40)
     assert spans == [(0, 2), (2, 4), (4, 5)]  # consecutive, complete
@@ -160,10 +166,16 @@ def test_tower_lora_layers_keeps_lora_in_the_top_layers_only():
     from tap_core.model.layers import ModalityEncoder
 
     tower = build_backbone(ModelSpec(size="small")).image_tower  # 4 layers
+
     def adapted(layers):
         encoder = ModalityEncoder(tower, 128, 128, ("query", "value"), 8, 16.0, layers)
-        return sorted({int(n.split(".layer.")[1].split(".")[0]) for n, p in encoder.named_parameters()
-                       if "lora_" in n and p.requires_grad})
+        return sorted(
+            {
+                int(n.split(".layer.")[1].split(".")[0])
+                for n, p in encoder.named_parameters()
+                if "lora_" in n and p.requires_grad
+            }
+        )
 
     assert adapted(None) == [0, 1, 2, 3]
     assert adapted(2) == [2, 3]

@@ -168,7 +168,11 @@ def test_header_carries_round_payload_stats_and_weights():
     header = frames[0].header
     assert header.round == 7 and list(header.components) == list(LAYOUT)
     assert header.dtype == pb.FLOAT32
-    assert header.payload_bytes == payload_bytes(make_values(), "fp32") == sum(len(p.data) for f in frames for p in f.pieces)
+    assert (
+        header.payload_bytes
+        == payload_bytes(make_values(), "fp32")
+        == sum(len(p.data) for f in frames for p in f.pieces)
+    )
     assert header.stats_json == '{"samples_seen": 3}' and dict(header.weights) == {"enc.a": 12.0, "head.t": 2.5}
 
 
@@ -457,8 +461,11 @@ mutation = st.one_of(
     st.tuples(st.just("extend_data"), st.integers(0, 10**6), st.binary(min_size=1, max_size=9)),
     st.tuples(st.just("field"), st.integers(0, 10**6), st.sampled_from(_FIELDS), st.integers(0, 2**32 - 1)),
     st.tuples(st.just("shape"), st.integers(0, 10**6), st.lists(st.integers(0, 40), max_size=3)),
-    st.tuples(st.just("header"), st.sampled_from(["dtype", "payload_bytes", "round", "drop_component",
-                                                  "add_component", "rename_component"]), st.integers(0, 2**20)),
+    st.tuples(
+        st.just("header"),
+        st.sampled_from(["dtype", "payload_bytes", "round", "drop_component", "add_component", "rename_component"]),
+        st.integers(0, 2**20),
+    ),
     st.tuples(st.just("move_header"), st.integers(0, 10**6)),
 )
 
@@ -542,8 +549,18 @@ def test_tampered_streams_raise_wire_error_or_decode_to_the_original(mutations):
     try:
         out = decode(frames, LAYOUT, "fp32", known=ALL_COMPONENTS)
     except WireError as exc:
-        assert exc.reason in {"malformed", "wrong_dtype", "wrong_shape", "unknown_component", "foreign_component",
-                              "missing_component", "unknown_tensor", "oversize", "bad_checksum", "missing_tensor"}
+        assert exc.reason in {
+            "malformed",
+            "wrong_dtype",
+            "wrong_shape",
+            "unknown_component",
+            "foreign_component",
+            "missing_component",
+            "unknown_tensor",
+            "oversize",
+            "bad_checksum",
+            "missing_tensor",
+        }
         return
     assert list(out) == list(LAYOUT)
     for c, tensors in LAYOUT.items():

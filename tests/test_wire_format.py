@@ -84,16 +84,24 @@ def _field(number: int, wire_type: int, payload: bytes) -> bytes:
 def test_reader_accepts_any_valid_encoding():
     """Field order, unpacked repeated fields, unknown fields of every wire type, a repeated singular field."""
     data = bytes(range(24))
-    piece = b"".join([
-        _field(99, VARINT, varint(123456)),                 # unknown varint
-        _field(7, 5, zlib.crc32(data).to_bytes(4, "little")),  # crc32 before everything
-        _field(6, VARINT, varint(2)), _field(6, VARINT, varint(3)),  # shape unpacked: (2, 3)
-        _field(6, LEN, varint(4)),                          # ... and one more, packed: (2, 3, 4)
-        _field(4, LEN, b"stale"), _field(4, LEN, data),     # data twice: the last one counts
-        _field(5, VARINT, varint(pb.FLOAT32)),
-        _field(98, 1, b"\0" * 8), _field(97, 5, b"\0" * 4), _field(96, LEN, b"skip me"),  # fixed64, fixed32, bytes
-        _field(2, VARINT, varint(1)), _field(1, VARINT, varint(2)), _field(3, VARINT, varint(8)),
-    ])
+    piece = b"".join(
+        [
+            _field(99, VARINT, varint(123456)),  # unknown varint
+            _field(7, 5, zlib.crc32(data).to_bytes(4, "little")),  # crc32 before everything
+            _field(6, VARINT, varint(2)),
+            _field(6, VARINT, varint(3)),  # shape unpacked: (2, 3)
+            _field(6, LEN, varint(4)),  # ... and one more, packed: (2, 3, 4)
+            _field(4, LEN, b"stale"),
+            _field(4, LEN, data),  # data twice: the last one counts
+            _field(5, VARINT, varint(pb.FLOAT32)),
+            _field(98, 1, b"\0" * 8),
+            _field(97, 5, b"\0" * 4),
+            _field(96, LEN, b"skip me"),  # fixed64, fixed32, bytes
+            _field(2, VARINT, varint(1)),
+            _field(1, VARINT, varint(2)),
+            _field(3, VARINT, varint(8)),
+        ]
+    )
     message = _field(50, LEN, b"unknown frame field") + _field(2, LEN, piece)
     assert_same_as_protobuf(message)
     read = parse_frame(message).pieces[0]
@@ -107,17 +115,20 @@ def test_reader_wraps_integers_as_protobuf_does():
     assert read.component == 5 and read.shape == [-3] and read.dtype == -1
 
 
-@pytest.mark.parametrize("message, problem", [
-    (b"\x12\x05\x08", "past the frame"),                        # piece shorter than announced
-    (b"\x12\x02\x22\x05", "past its piece"),                    # data longer than its piece
-    (b"\x12\x01\x80", "truncated varint"),
-    (b"\x0a\x03\x08\xff\xff", "stream header"),                # header that is no StreamHeader
-    (b"\x0a\x00\x0a\x00", "second stream header"),
-    (b"\x13", "wire type 3"),                                   # groups are not proto3
-    (b"\x10\x01", "frame field 2 with wire type 0"),
-    (b"\x12\x02\x20\x01", "piece field 4 with wire type 0"),
-    (b"\x12\x0b\x08" + b"\xff" * 10, "longer than 10 bytes"),
-])
+@pytest.mark.parametrize(
+    "message, problem",
+    [
+        (b"\x12\x05\x08", "past the frame"),  # piece shorter than announced
+        (b"\x12\x02\x22\x05", "past its piece"),  # data longer than its piece
+        (b"\x12\x01\x80", "truncated varint"),
+        (b"\x0a\x03\x08\xff\xff", "stream header"),  # header that is no StreamHeader
+        (b"\x0a\x00\x0a\x00", "second stream header"),
+        (b"\x13", "wire type 3"),  # groups are not proto3
+        (b"\x10\x01", "frame field 2 with wire type 0"),
+        (b"\x12\x02\x20\x01", "piece field 4 with wire type 0"),
+        (b"\x12\x0b\x08" + b"\xff" * 10, "longer than 10 bytes"),
+    ],
+)
 def test_malformed_frames_are_refused_with_the_reason(message, problem):
     with pytest.raises(WireError) as info:
         parse_frame(message)
@@ -128,8 +139,12 @@ _VALID = frames(64, stats_json='{"a": 1}')
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, len(_VALID) - 1), st.lists(st.tuples(st.sampled_from(["flip", "cut", "insert"]),
-                                                          st.integers(0, 10**6), st.integers(0, 255)), max_size=3))
+@given(
+    st.integers(0, len(_VALID) - 1),
+    st.lists(
+        st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, 10**6), st.integers(0, 255)), max_size=3
+    ),
+)
 def test_damaged_bytes_are_refused_or_read_exactly_as_protobuf_reads_them(index, damage):
     message = bytearray(_VALID[index])
     for kind, position, value in damage:

@@ -52,8 +52,12 @@ class Algorithm(ABC):
     def finish(self, silo: SiloRuntime, final_values: ComponentValues) -> tuple[SiloResult, TapModel]:
         """Stage 2 and evaluation: the silo's numbers (for the server) and its final model (kept locally)."""
         final = self.final_model(silo, final_values)
-        result = SiloResult(silo=silo.id, tasks=silo.evaluate(final.model, steps=final.steps),
-                            kd_losses=final.kd_losses, stage1_metrics=final.stage1_metrics)
+        result = SiloResult(
+            silo=silo.id,
+            tasks=silo.evaluate(final.model, steps=final.steps),
+            kd_losses=final.kd_losses,
+            stage1_metrics=final.stage1_metrics,
+        )
         return result, final.model
 
     # helpers shared by the implementations
@@ -70,11 +74,18 @@ class Algorithm(ABC):
         result = self.finetune(silo, model, self.config.train.ft_steps)
         return model, result
 
-    def finetune(self, silo: SiloRuntime, model: TapModel, steps: int, phase: str = "finetune",
-                 distill: Distillation | None = None) -> PhaseResult:
+    def finetune(
+        self,
+        silo: SiloRuntime,
+        model: TapModel,
+        steps: int,
+        phase: str = "finetune",
+        distill: Distillation | None = None,
+    ) -> PhaseResult:
         """Stage 2 training of ``model`` on the task loss (plus the KD term when ``distill`` is given)."""
-        return silo.train(model, phase, self.config.rounds + 1, steps=steps, schedule=stage2_schedule(self.config),
-                          distill=distill)
+        return silo.train(
+            model, phase, self.config.rounds + 1, steps=steps, schedule=stage2_schedule(self.config), distill=distill
+        )
 
 
 def stage2_schedule(config: FederationConfig) -> LrSchedule:

@@ -15,8 +15,13 @@ class FedAvg(Algorithm):
         model = silo.global_model(global_values)
         scores = silo.round_scores(model)  # the global model after round_index - 1 rounds
         result = silo.train(model, "global", round_index)
-        stats = RoundStats(task_losses=result.losses, train_seconds=result.seconds, samples_seen=result.samples,
-                           scores=scores, scores_round=round_index - 1)
+        stats = RoundStats(
+            task_losses=result.losses,
+            train_seconds=result.seconds,
+            samples_seen=result.samples,
+            scores=scores,
+            scores_round=round_index - 1,
+        )
         return self.make_update(silo, round_index, model, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:

@@ -15,9 +15,14 @@ class LocalOnly(Algorithm):
     def local_round(self, silo: SiloRuntime, round_index: int, global_values: ComponentValues) -> ClientUpdate:
         result = silo.train(silo.personal, "personal", round_index)
         silo.state.personal_losses.update(result.losses)
-        stats = RoundStats(task_losses=result.losses, personal_losses=result.losses, train_seconds=result.seconds,
-                           samples_seen=result.samples, scores=silo.round_scores(silo.personal),
-                           scores_round=round_index)
+        stats = RoundStats(
+            task_losses=result.losses,
+            personal_losses=result.losses,
+            train_seconds=result.seconds,
+            samples_seen=result.samples,
+            scores=silo.round_scores(silo.personal),
+            scores_round=round_index,
+        )
         return self.make_update(silo, round_index, silo.personal, stats)
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:

@@ -45,20 +45,34 @@ class Tap(Algorithm):
         # 4. upload the trained global copy (never the personal model)
         return self.make_update(silo, round_index, global_copy, stats)
 
-    def replace(self, silo: SiloRuntime, round_index: int, global_copy: TapModel,
-                global_losses: dict[str, float]) -> list[ReplacementEvent]:
+    def replace(
+        self, silo: SiloRuntime, round_index: int, global_copy: TapModel, global_losses: dict[str, float]
+    ) -> list[ReplacementEvent]:
         """Copy task t's components into the personal model where L_g[t] + margin_t < L_p[t]."""
         events = []
         for task in silo.plan.tasks:
             margin = margin_for(task, self.config.train)
             personal_loss = silo.state.personal_loss(task.name)
             if global_losses[task.name] + margin < personal_loss:
-                event = ReplacementEvent(round_index, task.name, global_losses[task.name], personal_loss, margin,
-                                         silo.plan.task_components(task.name))
+                event = ReplacementEvent(
+                    round_index,
+                    task.name,
+                    global_losses[task.name],
+                    personal_loss,
+                    margin,
+                    silo.plan.task_components(task.name),
+                )
                 events.append(event)
                 silo.state.replacements[task.name] = silo.state.replacements.get(task.name, 0) + 1
-                log.info("silo %s round %d: task %s adopts the global components (L_g %.4f + %.4f < L_p %.4f)",
-                         silo.id, round_index, task.name, event.global_loss, margin, personal_loss)
+                log.info(
+                    "silo %s round %d: task %s adopts the global components (L_g %.4f + %.4f < L_p %.4f)",
+                    silo.id,
+                    round_index,
+                    task.name,
+                    event.global_loss,
+                    margin,
+                    personal_loss,
+                )
         # one copy of every adopted component, however many winning tasks share it
         silo.personal.copy_from(global_copy, sorted({c for e in events for c in e.components}))
         silo.state.events.extend(events)
@@ -74,8 +88,11 @@ class Tap(Algorithm):
         if tasks:
             components = sorted({c for t in tasks for c in silo.plan.task_components(t)})
             silo.personal.load_values({c: final_values[c] for c in components})
-            log.info("silo %s: tasks %s were never compared; they start stage 2 from the final global model",
-                     silo.id, ", ".join(tasks))
+            log.info(
+                "silo %s: tasks %s were never compared; they start stage 2 from the final global model",
+                silo.id,
+                ", ".join(tasks),
+            )
 
     def final_model(self, silo: SiloRuntime, final_values: ComponentValues) -> FinalModel:
         """Stage 2: the personal model trained ``kd_steps`` more, distilling the fine-tuned global model."""
@@ -85,8 +102,9 @@ class Tap(Algorithm):
         distill = self.teacher(silo, final_values) if self.distil else None
         steps = self.config.train.kd_steps
         result = self.finetune(silo, student, steps, phase="stage2", distill=distill)
-        return FinalModel(student, steps=silo.stage1_steps("personal") + steps, kd_losses=result.kd_losses,
-                          stage1_metrics=stage1)
+        return FinalModel(
+            student, steps=silo.stage1_steps("personal") + steps, kd_losses=result.kd_losses, stage1_metrics=stage1
+        )
 
     def teacher(self, silo: SiloRuntime, final_values: ComponentValues) -> Distillation:
         """The final global model fine-tuned locally for ``ft_steps``, with the KD weight of every task."""

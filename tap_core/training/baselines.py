@@ -63,8 +63,13 @@ def _frequent_answer_exact_match(train: SplitTensors, test: SplitTensors, end_id
         return min(counter.items(), key=lambda item: (-item[1], item[0]))[0]  # deterministic on ties
 
     fallback = most_frequent(overall)
-    predicted = torch.tensor([list(most_frequent(by_input[key]) if key in by_input else fallback)
-                              for key in (_input_key(test, row) for row in range(len(test)))], dtype=torch.long)
+    predicted = torch.tensor(
+        [
+            list(most_frequent(by_input[key]) if key in by_input else fallback)
+            for key in (_input_key(test, row) for row in range(len(test)))
+        ],
+        dtype=torch.long,
+    )
     metric = TextGenerationMetrics(end_id)
     metric.update_ids(predicted, test.target_ids)
     return metric.result()[PRIMARY["text_generation"]]
@@ -77,4 +82,3 @@ def _mean_image_r2(train: torch.Tensor, test: torch.Tensor) -> float:
         images = test[start : start + _CHUNK].double() / 255.0
         metric.update(mean_image.expand_as(images), Batch(images=images))
     return metric.result()[PRIMARY["image_generation"]]
-

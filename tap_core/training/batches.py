@@ -28,7 +28,9 @@ def load_tokenizer(path: str | None):
         path = str(minilm_path())
     directory = Path(path)
     if not (directory / "vocab.txt").is_file():
-        raise ConfigError("model.tokenizer", f"{directory} has no vocab.txt", "point it at a local BERT tokenizer directory")
+        raise ConfigError(
+            "model.tokenizer", f"{directory} has no vocab.txt", "point it at a local BERT tokenizer directory"
+        )
     return BertTokenizerFast.from_pretrained(str(directory), local_files_only=True)
 
 
@@ -101,8 +103,13 @@ def input_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpec
     if "text" in task.modalities:
         if examples.texts is None:
             raise DataError(where, "has no text but the task reads the text modality")
-        encoded = tokenizer(list(examples.texts), padding="max_length", truncation=True,
-                            max_length=spec.max_text_len, return_tensors="pt")
+        encoded = tokenizer(
+            list(examples.texts),
+            padding="max_length",
+            truncation=True,
+            max_length=spec.max_text_len,
+            return_tensors="pt",
+        )
         input_ids, mask = encoded["input_ids"], encoded["attention_mask"]
     return SplitTensors(images, input_ids, mask, None, None)
 
@@ -113,8 +120,11 @@ def _split_tensors(task: TaskSpec, examples: Examples, tokenizer, spec: ModelSpe
         index = {label: i for i, label in enumerate(task.labels or ())}
         unknown = sorted({label for label in examples.labels or [] if label not in index})
         if examples.labels is None or unknown:
-            raise DataError(where, f"label {unknown[0]!r} is not in the task's label list" if unknown else "has no labels",
-                            "declare every label in the task's labels: list")
+            raise DataError(
+                where,
+                f"label {unknown[0]!r} is not in the task's label list" if unknown else "has no labels",
+                "declare every label in the task's labels: list",
+            )
         split.labels = torch.tensor([index[label] for label in examples.labels], dtype=torch.long)
     elif task.kind == "text_generation":
         if examples.targets is None:
@@ -152,8 +162,9 @@ def sample_batches(split: SplitTensors, batch_size: int, seed: int) -> Iterator[
         yield split.batch(index)
 
 
-def ordered_batches(split: SplitTensors, batch_size: int, limit: int | None = None,
-                    trim: bool = True) -> Iterator[Batch]:
+def ordered_batches(
+    split: SplitTensors, batch_size: int, limit: int | None = None, trim: bool = True
+) -> Iterator[Batch]:
     """The split in order (evaluation), at most ``limit`` examples."""
     n = len(split) if limit is None else min(limit, len(split))
     for start in range(0, n, batch_size):

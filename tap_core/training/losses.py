@@ -22,8 +22,9 @@ def task_loss(kind: str, output: torch.Tensor, batch: Batch) -> torch.Tensor:
     raise ValueError(f"unknown task kind {kind!r}")
 
 
-def kd_logits(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_logits(
+    teacher: torch.Tensor, student: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(softmax(teacher/T) || softmax(student/T)) * T^2, averaged over (unmasked) positions.
 
     ``teacher``/``student``: (..., V) logits; ``mask``: (...) True where the position counts

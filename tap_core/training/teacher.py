@@ -47,8 +47,15 @@ def windows(draws: Sequence[torch.Tensor], example_bytes: torch.Tensor, budget_b
 class TeacherOutputs:
     """The teacher's ``targets_only`` outputs for the examples of one task's training split, by example."""
 
-    def __init__(self, teacher: TapModel, task: TaskSpec, split: SplitTensors, device: torch.device,
-                 batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager]):
+    def __init__(
+        self,
+        teacher: TapModel,
+        task: TaskSpec,
+        split: SplitTensors,
+        device: torch.device,
+        batch_size: int,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ):
         self.teacher = teacher
         self.task = task
         self.split = split

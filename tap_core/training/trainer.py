@@ -43,8 +43,9 @@ def cuda_bf16_supported(device: torch.device) -> bool:
             return torch.cuda.is_bf16_supported()
 
 
-def autocast_dtype(device: torch.device, amp: bool, amp_dtype: str = "auto",
-                   bf16_supported: bool | None = None) -> torch.dtype | None:
+def autocast_dtype(
+    device: torch.device, amp: bool, amp_dtype: str = "auto", bf16_supported: bool | None = None
+) -> torch.dtype | None:
     """The mixed-precision dtype training uses on ``device``; None: plain fp32 (the CPU, or ``amp`` off).
 
     ``auto``: bf16 where the card supports it natively, else fp16 (with a gradient scaler).
@@ -55,14 +56,18 @@ def autocast_dtype(device: torch.device, amp: bool, amp_dtype: str = "auto",
         return torch.float16
     supported = cuda_bf16_supported(device) if bf16_supported is None else bf16_supported
     if amp_dtype == "bf16" and not supported:
-        raise ConfigError("train.amp_dtype", f"bf16 was asked for, but {device} has no native bf16",
-                          "use amp_dtype: auto (fp16 with a gradient scaler) or amp: false")
+        raise ConfigError(
+            "train.amp_dtype",
+            f"bf16 was asked for, but {device} has no native bf16",
+            "use amp_dtype: auto (fp16 with a gradient scaler) or amp: false",
+        )
     return torch.bfloat16 if supported else torch.float16
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one kernel per step instead of a dozen ops per tensor."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
 
 @dataclass
 class PhaseResult:
@@ -114,8 +119,13 @@ class Trainer:
     ``compile_backend`` is torch.compile's backend when ``cfg.compile`` is on (tests use ``eager``).
     """
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, precision: torch.dtype | None | str = "config",
-                 compile_backend: str = "inductor"):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        device: torch.device,
+        precision: torch.dtype | None | str = "config",
+        compile_backend: str = "inductor",
+    ):
         self.cfg = cfg
         self.device = device
         self.amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype) if precision == "config" else precision
@@ -141,8 +151,11 @@ class Trainer:
 
             limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
             setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
-            options = {"mode": None if self.cfg.compile == "default" else self.cfg.compile} \
-                if self.compile_backend == "inductor" else {}
+            options = (
+                {"mode": None if self.cfg.compile == "default" else self.cfg.compile}
+                if self.compile_backend == "inductor"
+                else {}
+            )
             compiled = torch.compile(model, backend=self.compile_backend, **options)
             self._compiled[model] = compiled
         return compiled
@@ -164,8 +177,10 @@ class Trainer:
         optimizer = make_optimizer(params, schedule(0), cfg.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         forward = self.forward_of(model)
-        draws = {name: sample_indices(len(t.train), cfg.batch_size, derive_seed(seed, "batches", name))
-                 for name, t in tasks.items()}
+        draws = {
+            name: sample_indices(len(t.train), cfg.batch_size, derive_seed(seed, "batches", name))
+            for name, t in tasks.items()
+        }
         teachers: dict[str, TeacherOutputs] = {}
         planned: dict[str, list[torch.Tensor]] = {}  # distillation draws every micro-batch up front
         spans: dict[str, dict[int, int]] = {}  # task -> micro-step where a teacher window starts -> where it ends
@@ -173,8 +188,9 @@ class Trainer:
             for name, tensors in tasks.items():
                 planned[name] = [next(draws[name]) for _ in range(steps * cfg.grad_accum)]
                 draws[name] = iter(planned[name])
-                teachers[name] = TeacherOutputs(distill.teacher, tensors.task, tensors.train, self.device,
-                                                cfg.eval_batch_size, self.autocast)
+                teachers[name] = TeacherOutputs(
+                    distill.teacher, tensors.task, tensors.train, self.device, cfg.eval_batch_size, self.autocast
+                )
                 cuts = windows(planned[name], teachers[name].example_bytes(), DEFAULT_BUDGET_BYTES)
                 spans[name] = dict(cuts)
         # running sums stay on the device: no host sync per micro-step
@@ -199,8 +215,9 @@ class Trainer:
                             loss = task_loss(tensors.task.kind, output, batch)
                             total = loss
                             if distill is not None:
-                                kd = kd_loss(tensors.task.kind, teachers[name].take(index), output, batch,
-                                             distill.temperature)
+                                kd = kd_loss(
+                                    tensors.task.kind, teachers[name].take(index), output, batch, distill.temperature
+                                )
                                 total = loss + distill.weights[name] * kd
                                 kd_sums[name] += kd.detach()
                         total = total / cfg.grad_accum
@@ -223,7 +240,9 @@ class Trainer:
         losses = {n: float(s) / count for n, s in sums.items()}
         bad = [n for n, v in losses.items() if not math.isfinite(v)]
         if bad:
-            raise TrainingDiverged(f"task {bad[0]}: the training loss became {losses[bad[0]]}; lower peak_lr or grad_clip")
+            raise TrainingDiverged(
+                f"task {bad[0]}: the training loss became {losses[bad[0]]}; lower peak_lr or grad_clip"
+            )
         return PhaseResult(
             losses=losses,
             steps=steps,
@@ -251,8 +270,14 @@ class Trainer:
         return total / max(count, 1)
 
     @torch.inference_mode()
-    def evaluate(self, model: TapModel, tensors: TaskTensors, end_id: int, split: str = "test",
-                 allowed: torch.Tensor | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: TapModel,
+        tensors: TaskTensors,
+        end_id: int,
+        split: str = "test",
+        allowed: torch.Tensor | None = None,
+    ) -> dict[str, float]:
         """Metrics on a split; ``allowed``: a mask of the head outputs classification chooses among."""
         model.eval()
         forward = self.forward_of(model)
