@@ -32,7 +32,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_config(rounds: int = 2, silos: int = 2) -> FederationConfig:
+def tiny_config(rounds: int = 2, silos: int = 2, local_steps: int = 2) -> FederationConfig:
     return FederationConfig(
         name="ops-test",
         algorithm="tap",
@@ -41,7 +41,13 @@ def tiny_config(rounds: int = 2, silos: int = 2) -> FederationConfig:
         expected_silos=silos,
         model=ModelSpec(size="tiny", text_encoder=None),
         train=TrainConfig(
-            local_steps=2, batch_size=8, ft_steps=1, kd_steps=1, eval_batch_size=16, max_val_examples=8, threads=1
+            local_steps=local_steps,
+            batch_size=8,
+            ft_steps=1,
+            kd_steps=1,
+            eval_batch_size=16,
+            max_val_examples=8,
+            threads=1,
         ),
         wire=WireConfig(chunk_bytes=64 * 1024, max_message_bytes=1024 * 1024),
         deadlines=Deadlines(join_s=300, round_s=300, finish_s=300, heartbeat_s=1.0),
@@ -129,11 +135,13 @@ def write_csv(path: Path, seed: int, rows: int = 40) -> None:
             )
 
 
-def make_tiny_federation(root: Path, data_dir: str | None = None, days: int = 365, rounds: int = 2) -> TinyFederation:
+def make_tiny_federation(
+    root: Path, data_dir: str | None = None, days: int = 365, rounds: int = 2, local_steps: int = 2
+) -> TinyFederation:
     """Provision and configure; ``data_dir`` is where the silos' CSV files appear to the agents."""
     from tap_server.provision import provision
 
-    fed = TinyFederation(root, config=tiny_config(rounds))
+    fed = TinyFederation(root, config=tiny_config(rounds, local_steps=local_steps))
     provision(fed.kits, list(fed.silos), ["127.0.0.1", "localhost"], days=days)
     fed.federation_yaml.write_text(yaml.safe_dump(to_mapping(fed.config), sort_keys=False))
     for i, silo in enumerate(fed.silos):

@@ -103,7 +103,8 @@ class Prometheus:
 def test_prometheus_scrapes_the_federation_and_the_alerts_fire(tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not found (Debian package prometheus; scripts/setup.sh --test installs it)")
-    fed = make_tiny_federation(tmp_path, days=10)
+    # rounds long enough (seconds) that the 1 s scrapes see every agent mid-federation, however loaded the machine
+    fed = make_tiny_federation(tmp_path, days=10, local_steps=60)
     port, health, metrics = free_port(), free_port(), free_port()
     client_metrics = {silo: free_port() for silo in fed.silos}
     prometheus = Prometheus(tmp_path, prometheus_config(tmp_path, metrics, client_metrics))

@@ -492,7 +492,9 @@ def _apply(frames: list[pb.TensorFrame], m) -> list[pb.TensorFrame]:
         header.CopyFrom(frames[0].header)
         frames[0].ClearField("header")
         frames[m[1] % n].header.CopyFrom(header)
-    elif kind == "header" and n and frames[0].HasField("header"):
+    elif kind == "header":
+        if not (n and frames[0].HasField("header")):
+            return frames  # nothing to tamper with (an earlier mutation dropped or moved the header)
         h = frames[0].header
         what, x = m[1], m[2]
         if what == "dtype":
