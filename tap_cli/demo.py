@@ -176,43 +176,27 @@ def prepare_workdir(layout: DemoLayout, scenario: Scenario, config: FederationCo
         path.write_text(yaml.safe_dump(silo_config, sort_keys=False))
 
 
-def server_command(layout: DemoLayout, port: int, health: int, metrics: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tap_server.cli",
-        "serve",
-        "--kit",
-        str(layout.kits / "server"),
-        "--config",
-        str(layout.federation_yaml),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--state",
-        str(layout.state),
-        "--metrics-port",
-        str(metrics),
-        "--health-port",
-        str(health),
-        "--exit-when-done",
-    ]
+def serve_command(kit: Path, config: Path, state: Path, port: int, health: int, metrics: int, *extra: str) -> list[str]:
+    """`tap-server serve` on 127.0.0.1:PORT (the demo's server, and the test federations')."""
+    listen = f"127.0.0.1:{port}"
+    return [sys.executable, "-m", "tap_server.cli", "serve", "--kit", str(kit), "--config", str(config),
+            "--listen", listen, "--state", str(state), "--metrics-port", str(metrics), "--health-port", str(health),
+            *extra]  # fmt: skip
+
+
+def run_command(kit: Path, port: int, config: Path, state: Path, *extra: str) -> list[str]:
+    """`tap-client run` against 127.0.0.1:PORT (the demo's agents, and the test federations')."""
+    server = f"127.0.0.1:{port}"
+    return [sys.executable, "-m", "tap_client.cli", "run", "--kit", str(kit), "--server", server,
+            "--config", str(config), "--state", str(state), *extra]  # fmt: skip
+
+
+def server_command(layout: DemoLayout, port: int, health: int, metrics: int, *extra: str) -> list[str]:
+    return serve_command(layout.kits / "server", layout.federation_yaml, layout.state, port, health, metrics, *extra)
 
 
 def client_command(layout: DemoLayout, silo: str, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "tap_client.cli",
-        "run",
-        "--kit",
-        str(layout.kits / silo),
-        "--server",
-        f"127.0.0.1:{port}",
-        "--config",
-        str(layout.silo_yaml(silo)),
-        "--state",
-        str(layout.client_state(silo)),
-    ]
+    return run_command(layout.kits / silo, port, layout.silo_yaml(silo), layout.client_state(silo))
 
 
 def export_command(layout: DemoLayout, silo: str) -> list[str]:
@@ -277,7 +261,7 @@ def write_rerun_notes(
         "",
         "Server:",
         "",
-        "    " + " ".join(server_command(layout, port, health, metrics)).replace(" --exit-when-done", ""),
+        "    " + " ".join(server_command(layout, port, health, metrics)),
         "",
         "One agent per silo:",
         "",
@@ -351,7 +335,10 @@ def run_demo(
     try:
         with open(layout.logs / "server.log", "wb") as log:
             processes.server = subprocess.Popen(
-                server_command(layout, port, health, metrics), stdout=log, stderr=subprocess.STDOUT, env=env
+                server_command(layout, port, health, metrics, "--exit-when-done"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         # the agents start while the server loads its backbone (they retry until it answers): their imports
         # and data loading overlap the server's start instead of following it

@@ -436,7 +436,6 @@ class Federation:
         self._metrics.set_phase("aggregating")
         started = time.perf_counter()
         s.global_values = self._aggregator.result(s.global_values)
-        self._global_norms = (-1, {})
         seconds = time.perf_counter() - started
         record = s.log.close_round(
             s.round, s.selected, self._received, self._clock() - self._round_started, seconds, refused=self._refused

@@ -52,6 +52,10 @@ TASKS = {
 }
 
 
+# the command-line budget of the tap demo / tap simulate tests: the tiny model, 2 rounds, a few steps
+FAST_OPTIONS = "--model tiny --rounds 2 --local-steps 2 --ft-steps 2 --kd-steps 2 --batch-size 8".split()
+
+
 def tiny_config(algorithm: str = "tap", rounds: int = 2, **train) -> FederationConfig:
     defaults = dict(local_steps=3, batch_size=8, ft_steps=2, kd_steps=2, max_val_examples=16, eval_batch_size=32)
     defaults.update(train)

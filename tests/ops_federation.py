@@ -12,7 +12,6 @@ import csv
 import json
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from tap_cli.demo import run_command, serve_command
 from tap_core.config import Deadlines, FederationConfig, ModelSpec, TrainConfig, WireConfig, to_mapping
 from tap_testing.dirs import FederationDirs
 
@@ -71,44 +71,14 @@ class TinyFederation(FederationDirs):
         return self.state / silo
 
     def server_command(self, port: int, health: int, metrics: int, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "tap_server.cli",
-            "serve",
-            "--kit",
-            str(self.kits / "server"),
-            "--config",
-            str(self.federation_yaml),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--state",
-            str(self.state / "server"),
-            "--metrics-port",
-            str(metrics),
-            "--health-port",
-            str(health),
-            *extra,
-        ]
+        return serve_command(
+            self.kits / "server", self.federation_yaml, self.state / "server", port, health, metrics, *extra
+        )
 
     def client_command(self, silo: str, port: int, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "tap_client.cli",
-            "run",
-            "--kit",
-            str(self.kits / silo),
-            "--server",
-            f"127.0.0.1:{port}",
-            "--config",
-            str(self.silo_yaml(silo)),
-            "--state",
-            str(self.client_state(silo)),
-            "--threads",
-            "1",
-            *extra,
-        ]
+        return run_command(
+            self.kits / silo, port, self.silo_yaml(silo), self.client_state(silo), "--threads", "1", *extra
+        )
 
     def start(self, command: list[str], name: str) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)

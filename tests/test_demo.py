@@ -12,26 +12,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from conftest import FAST_OPTIONS
 from tap_cli.cli import main
 from tap_cli.demo import DemoLayout, client_command, free_port, prepare_workdir, server_command, wait_healthy
 from tap_cli.options import config_from_options
 from tap_cli.simulate import run_simulation
 from tap_core.errors import TapError
 
-FAST = [
-    "--model",
-    "tiny",
-    "--rounds",
-    "2",
-    "--local-steps",
-    "2",
-    "--ft-steps",
-    "2",
-    "--kd-steps",
-    "2",
-    "--batch-size",
-    "8",
-]
 OPTIONS = dict(
     scenario="tap-bench-mini",
     algorithm="tap",
@@ -72,7 +59,7 @@ def assert_same_metrics(a: dict, b: dict) -> None:
 
 def test_demo_matches_simulate_and_stays_within_the_wire_budget(tmp_path, simulated):
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", *FAST, "--workdir", str(workdir), "--no-progress"])
+    result = CliRunner().invoke(main, ["demo", *FAST_OPTIONS, "--workdir", str(workdir), "--no-progress"])
     assert result.exit_code == 0, result.output
     report = json.loads((workdir / "report.json").read_text())
     assert_same_metrics(report, simulated)
@@ -100,7 +87,7 @@ def test_an_agent_killed_mid_federation_resumes_from_disk(tmp_path, simulated):
     def start(cmd, name):
         return subprocess.Popen(cmd, stdout=open(layout.logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT, env=env)
 
-    server = start(server_command(layout, port, health, metrics), "server")
+    server = start(server_command(layout, port, health, metrics, "--exit-when-done"), "server")
     clients = {}
     try:
         wait_healthy(health, server, layout.logs / "server.log")

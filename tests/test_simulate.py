@@ -7,23 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from conftest import FAST_OPTIONS
 from tap_cli.cli import main
 
-FAST = [
-    "--model",
-    "tiny",
-    "--rounds",
-    "2",
-    "--local-steps",
-    "2",
-    "--ft-steps",
-    "2",
-    "--kd-steps",
-    "2",
-    "--batch-size",
-    "8",
-    "--no-progress",
-]
+FAST = [*FAST_OPTIONS, "--no-progress"]
 
 
 def simulate(tmp_path, *args: str) -> dict:
