@@ -376,15 +376,21 @@ def print_table(rows: list[dict[str, Any]], chunk_bytes: int) -> None:
 # ------------------------------------------------------------------------- demo vs simulate
 
 
-def overhead(repeats: int, options: list[str], workdir: Path) -> dict[str, Any]:
-    """Wall time of ``tap demo`` over ``tap simulate`` with the same options, alternated (simulate first)."""
+def overhead(repeats: int, options: list[str], workdir: Path, fresh: bool = False) -> dict[str, Any]:
+    """Wall time of ``tap demo`` over ``tap simulate`` with the same options, alternated (simulate first).
+
+    ``fresh``: also ``tap demo --fresh-processes`` (every process imports torch itself) in the same rotation,
+    the demo's start-up before the forked launcher (tap_cli.launcher)."""
     tap = [sys.executable, "-m", "tap_cli.cli"]
-    times: dict[str, list[float]] = {"simulate": [], "demo": []}
+    kinds = ["simulate", "demo"] + (["demo-fresh"] if fresh else [])
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(repeats):
-        for kind in ("simulate", "demo"):
-            command = [*tap, kind, *options, "--no-progress"]
-            if kind == "demo":
+        for kind in kinds:
+            command = [*tap, kind.split("-")[0], *options, "--no-progress"]
+            if kind.startswith("demo"):
                 command += ["--workdir", str(workdir / "demo")]
+            if kind == "demo-fresh":
+                command += ["--fresh-processes"]
             started = time.perf_counter()
             result = subprocess.run(command, env=env(), cwd=workdir, capture_output=True, text=True)
             seconds = time.perf_counter() - started
@@ -396,13 +402,17 @@ def overhead(repeats: int, options: list[str], workdir: Path) -> dict[str, Any]:
                 flush=True,
             )
     simulate, demo = statistics.median(times["simulate"]), statistics.median(times["demo"])
-    return {
+    out: dict[str, Any] = {
         "options": options,
         "simulate_s": times["simulate"],
         "demo_s": times["demo"],
         "ratio": demo / simulate,
         "ratios": [d / s for d, s in zip(times["demo"], times["simulate"])],
     }
+    if fresh:
+        out["demo_fresh_s"] = times["demo-fresh"]
+        out["fresh_ratio"] = statistics.median(times["demo-fresh"]) / simulate
+    return out
 
 
 # ------------------------------------------------------------------------- plot, main
@@ -446,6 +456,9 @@ def main() -> None:
     parser.add_argument("--overhead-only", action="store_true", help="only the demo-vs-simulate comparison")
     parser.add_argument("--overhead-repeats", type=int, default=2)
     parser.add_argument(
+        "--overhead-fresh", action="store_true", help="also time tap demo --fresh-processes (no forked launcher)"
+    )
+    parser.add_argument(
         "--overhead-options",
         default="--scenario tap-bench-mini --model tiny --rounds 2",
         help="options given to both tap simulate and tap demo",
@@ -484,7 +497,7 @@ def main() -> None:
             print_table(results["throughput"], args.chunk_bytes)
         if args.overhead:
             options = args.overhead_options.split()
-            result = overhead(args.overhead_repeats, options, root)
+            result = overhead(args.overhead_repeats, options, root, args.overhead_fresh)
             results["overhead"] = result
             results["overhead_ratio"] = result["ratio"]
             print(
@@ -492,6 +505,9 @@ def main() -> None:
                 f"(runs: {', '.join(f'{r:.3f}' for r in result['ratios'])}; simulate "
                 f"{', '.join(f'{s:.1f}' for s in result['simulate_s'])} s, demo {', '.join(f'{s:.1f}' for s in result['demo_s'])} s)"
             )
+            if "fresh_ratio" in result:
+                fresh_runs = ", ".join(f"{s:.1f}" for s in result["demo_fresh_s"])
+                print(f"tap demo --fresh-processes / tap simulate: median {result['fresh_ratio']:.3f} ({fresh_runs} s)")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -27,6 +27,7 @@ import yaml
 
 from tap_core.config import FederationConfig, Scenario, to_mapping
 from tap_core.errors import TapError
+from tap_cli.launcher import Launcher, Process
 from tap_cli.options import config_from_options, friendly_errors, training_options, write_outputs
 
 GENERATED = ("kits", "state", "clients", "logs", "silos", "samples", "models", "predictions")
@@ -60,7 +61,7 @@ def read_metrics(port: int) -> dict[str, float]:
     return values
 
 
-def wait_healthy(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> None:
+def wait_healthy(port: int, process: Process, log_path: Path, timeout: float = 180.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -127,10 +128,10 @@ class DemoLayout:
 
 @dataclass
 class Processes:
-    server: subprocess.Popen | None = None
-    clients: dict[str, subprocess.Popen] = field(default_factory=dict)
+    server: Process | None = None
+    clients: dict[str, Process] = field(default_factory=dict)
 
-    def all(self) -> list[subprocess.Popen]:
+    def all(self) -> list[Process]:
         return ([self.server] if self.server else []) + list(self.clients.values())
 
     def stop(self) -> None:
@@ -312,7 +313,7 @@ def follow(
                 if done > shown:
                     bar.bar.update(done - shown)
                     shown = done
-            time.sleep(0.5)
+            time.sleep(1.0)  # a metrics scrape costs CPU the silos share
     finally:
         if bar:
             bar.close()
@@ -323,7 +324,12 @@ def follow(
 
 
 def run_demo(
-    scenario: Scenario, config: FederationConfig, workdir: Path, device: str | None = None, show_progress: bool = True
+    scenario: Scenario,
+    config: FederationConfig,
+    workdir: Path,
+    device: str | None = None,
+    show_progress: bool = True,
+    fresh_processes: bool = False,
 ) -> dict[str, Any]:
     layout = DemoLayout(workdir.resolve())
     prepare_workdir(layout, scenario, config, device)
@@ -331,22 +337,18 @@ def run_demo(
     port, health, metrics = free_port(), free_port(), free_port()
     write_rerun_notes(layout, port, health, metrics, [s.id for s in scenario.silos], prediction_notes(layout, scenario))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = Launcher(fresh=fresh_processes)
     processes = Processes()
     try:
-        with open(layout.logs / "server.log", "wb") as log:
-            processes.server = subprocess.Popen(
-                server_command(layout, port, health, metrics, "--exit-when-done"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        # the agents start while the server loads its backbone (they retry until it answers): their imports
-        # and data loading overlap the server's start instead of following it
+        processes.server = launcher.start(
+            server_command(layout, port, health, metrics, "--exit-when-done"), layout.logs / "server.log", env
+        )
+        # the agents start while the server loads its backbone (they retry until it answers): their
+        # data loading overlaps the server's start instead of following it
         for silo in scenario.silos:
-            with open(layout.logs / f"{silo.id}.log", "wb") as log:
-                processes.clients[silo.id] = subprocess.Popen(
-                    client_command(layout, silo.id, port), stdout=log, stderr=subprocess.STDOUT, env=env
-                )
+            processes.clients[silo.id] = launcher.start(
+                client_command(layout, silo.id, port), layout.logs / f"{silo.id}.log", env
+            )
         wait_healthy(health, processes.server, layout.logs / "server.log")
         per_round = min(config.clients_per_round or len(scenario.silos), len(scenario.silos))
         follow(processes, layout, metrics, config, len(scenario.silos), per_round, show_progress)
@@ -391,12 +393,25 @@ def run_demo(
     help="PNG of the results (default WORKDIR/results.png).",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--fresh-processes",
+    is_flag=True,
+    help="Start every process with its own interpreter instead of forking it from one that already "
+    "imported torch (slower start; the processes and their results are the same).",
+)
 @friendly_errors
-def demo(workdir: Path, report_path: Path | None, plot_path: Path | None, progress: bool, **opts: Any) -> None:
+def demo(
+    workdir: Path,
+    report_path: Path | None,
+    plot_path: Path | None,
+    progress: bool,
+    fresh_processes: bool,
+    **opts: Any,
+) -> None:
     """Run the deployed federation on this machine: tap-server + one tap-client per silo over mTLS."""
     scenario, config = config_from_options(opts)
     started = time.perf_counter()
-    report = run_demo(scenario, config, workdir, opts["device"], progress)
+    report = run_demo(scenario, config, workdir, opts["device"], progress, fresh_processes)
     report["timing"]["total_seconds"] = time.perf_counter() - started
     (workdir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     write_outputs(report, report_path, plot_path or workdir / "results.png")

@@ -34,7 +34,8 @@ from tap_core.model_card import (
     ModelCard,
 )
 from tap_core.silo import SiloRuntime
-from tap_core.store import atomic_save_tensors, atomic_write_json
+from tap_core.atomic_files import atomic_write_json
+from tap_core.store import atomic_save_tensors
 from tap_client.store import FINAL_MODEL, ClientStore
 
 # metadata keys export needs beyond those every final model has had (silo, algorithm, federation, plan, fingerprint)

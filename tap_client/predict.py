@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tap_core.data.inputs import read_inputs
 from tap_core.model_card import read_card
-from tap_core.store import atomic_file
+from tap_core.atomic_files import atomic_file
 
 
 @dataclass

@@ -26,7 +26,8 @@ from tap_core.errors import TapError
 from tap_core.messages import ClientUpdate, RoundStats, SiloResult
 from tap_core.model.tap_model import ComponentValues
 from tap_core.silo import SiloState
-from tap_core.store import CheckpointStore, atomic_save_tensors, atomic_write_json, load_tensors
+from tap_core.atomic_files import atomic_write_json
+from tap_core.store import CheckpointStore, atomic_save_tensors, load_tensors
 
 FINAL_MODEL = "final_model.safetensors"
 

@@ -8,20 +8,20 @@ the JSON that points at it, then removes the previous tensor file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tap_core import atomic_files
+from tap_core.atomic_files import atomic_write_bytes, atomic_write_json
 from tap_core.errors import ConfigError, TapError
 from tap_core.model.tap_model import ComponentValues
 
@@ -41,49 +41,8 @@ def unflatten(flat: dict[str, torch.Tensor]) -> ComponentValues:
     return values
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[str]:
-    """Yield a temp path beside ``path``; on success fsync it, rename it over ``path``, fsync the folder.
-
-    On any failure the temp file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=False).encode())
-
-
 def atomic_save_tensors(path: Path, values: ComponentValues, metadata: dict[str, str] | None = None) -> None:
-    with atomic_file(path) as tmp:
+    with atomic_files.atomic_file(path) as tmp:  # looked up at call time (tap_testing.faults patches it)
         try:
             save_file(flatten(values), tmp, metadata=metadata)
         except SafetensorError as exc:  # an I/O failure (a full disk) is a SafetensorError, not an OSError

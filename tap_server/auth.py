@@ -122,7 +122,7 @@ class RetiredCertificates:
             return fingerprint in self._entries
 
     def add(self, fingerprint: str, silo: str) -> None:
-        from tap_core.store import atomic_write_json
+        from tap_core.atomic_files import atomic_write_json
 
         with self._lock:
             self._entries[fingerprint] = {"silo": silo, "retired_at": dt.datetime.now(dt.timezone.utc).isoformat()}

@@ -40,7 +40,8 @@ from tap_core.plan import (
 from tap_core.plan import united_tasks
 from tap_core.scenario import check_shared_tasks
 from tap_core.seeding import derive_seed
-from tap_core.store import CheckpointStore, atomic_write_json
+from tap_core.atomic_files import atomic_write_json
+from tap_core.store import CheckpointStore
 from tap_server.aggregation import StreamingAggregator, capped_weights
 from tap_server.federation_api import DONE, FINISHING, TRAINING, WAITING, Assignment, Payload, Registration, Status
 from tap_server.federation_api import Transfer, UploadSlot

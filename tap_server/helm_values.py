@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from tap_core.errors import ConfigError
-from tap_core.store import atomic_write_bytes
+from tap_core.atomic_files import atomic_write_bytes
 from tap_server.provision import SiloRegistry
 
 SERVER_SECRET = "tap-server-kit"

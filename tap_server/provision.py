@@ -191,7 +191,7 @@ class SiloRegistry:
         return data
 
     def save(self, data: dict) -> None:
-        from tap_core.store import atomic_write_json
+        from tap_core.atomic_files import atomic_write_json
 
         atomic_write_json(self.path, data)
 

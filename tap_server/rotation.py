@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography import x509
 
 from tap_core.errors import ConfigError
-from tap_core.store import atomic_write_bytes
+from tap_core.atomic_files import atomic_write_bytes
 from tap_server.provision import (
     CertificateAuthority,
     SiloRegistry,

@@ -183,16 +183,16 @@ def slow_training(seconds: float) -> None:
 def disk_full(
     after: int = 1, only: Callable[[str], bool] = lambda path: True, error: int = errno.ENOSPC
 ) -> Iterator[dict[str, int]]:
-    """Within the block, the ``after``-th atomic write (``tap_core.store.atomic_file``) whose target passes
+    """Within the block, the ``after``-th atomic write (``tap_core.atomic_files.atomic_file``) whose target passes
     ``only`` and every later one fail with ``error`` (ENOSPC: a disk that filled up; EROFS: a volume gone
     read-only) once their bytes are written.
 
     Yields counters ({"writes", "failed"}). The real ``atomic_file`` sees the error inside its block, so
     its clean-up (removing the temp file) is what runs.
     """
-    import tap_core.store as store
+    import tap_core.atomic_files as files
 
-    original = store.atomic_file
+    original = files.atomic_file
     counts = {"writes": 0, "failed": 0}
 
     @contextlib.contextmanager
@@ -205,11 +205,11 @@ def disk_full(
                     counts["failed"] += 1
                     raise OSError(error, f"{os.strerror(error)} (injected by tap_testing.faults)", str(path))
 
-    store.atomic_file = full
+    files.atomic_file = full
     try:
         yield counts
     finally:
-        store.atomic_file = original
+        files.atomic_file = original
 
 
 _FOR_LIFE: list[contextlib.AbstractContextManager] = []

@@ -3,7 +3,7 @@
 As root (and where mounting is allowed) the directory is a small tmpfs: "full"
 writes a filler file until the kernel answers ENOSPC, "read-only" remounts it
 ``ro`` (EROFS) — the errors a real server meets. Elsewhere (CI without root)
-the same errors are injected at ``tap_core.store.atomic_file`` for writes under
+the same errors are injected at ``tap_core.atomic_files.atomic_file`` for writes under
 the directory (:func:`tap_testing.faults.disk_full`); ``real`` says which it was.
 """
 
@@ -51,7 +51,7 @@ class StateVolume:
 
     @property
     def how(self) -> str:
-        return "a real tmpfs" if self.real else "errors injected at tap_core.store.atomic_file"
+        return "a real tmpfs" if self.real else "errors injected at tap_core.atomic_files.atomic_file"
 
     def _under(self, target: str) -> bool:
         return Path(target).resolve().is_relative_to(self.path.resolve())

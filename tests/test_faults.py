@@ -60,7 +60,7 @@ def test_environment_knobs_last_for_the_whole_process(tmp_path):
     script = (
         f"import gc; from pathlib import Path; from tap_testing import faults\n"
         f"faults.install_from_environment(); gc.collect()\n"
-        f"import tap_client.connection as c; from tap_core.store import atomic_write_json as w\n"
+        f"import tap_client.connection as c; from tap_core.atomic_files import atomic_write_json as w\n"
         f"w(Path({str(tmp_path / 'a.json')!r}), 1)\n"
         f"try:\n    w(Path({str(tmp_path / 'b.json')!r}), 2)\nexcept OSError as e:\n    print('refused', e.errno)\n"
         f"print('delay', c.MAX_RETRY_DELAY_S)"
