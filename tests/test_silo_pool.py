@@ -114,12 +114,16 @@ def test_a_worker_ends_when_its_driver_is_killed(tmp_path):
     script.write_text(
         "import multiprocessing, os, sys, time\n"
         "from tap_core.silo_pool import exit_with_parent\n"
-        "def child(parent):\n"
+        "def child(parent, watching):\n"
         "    exit_with_parent(parent, every_s=0.1)\n"
+        "    watching.set()\n"
         "    time.sleep(60)\n"
         "if __name__ == '__main__':\n"
-        "    p = multiprocessing.get_context('spawn').Process(target=child, args=(os.getpid(),))\n"
-        "    p.start(); print(p.pid, flush=True); time.sleep(60)\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    watching = ctx.Event()\n"
+        "    p = ctx.Process(target=child, args=(os.getpid(), watching))\n"
+        "    p.start(); watching.wait(300)  # the spawned child imports torch first: seconds on a busy machine\n"
+        "    print(p.pid, flush=True); time.sleep(60)\n"
     )
     driver = subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
