@@ -33,10 +33,6 @@ class ForkedProcess:
         self._process = process
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
     def returncode(self) -> int | None:
         return self._process.exitcode  # negative: killed by that signal, as with Popen
 
@@ -63,8 +59,12 @@ class ForkedProcess:
 Process = subprocess.Popen | ForkedProcess
 
 
-def _run_command(module: str, args: list[str], log_path: str) -> None:
-    """In the forked child: output to the log file (line-buffered, as PYTHONUNBUFFERED), then the CLI."""
+def _run_command(module: str, args: list[str], log_path: str, env: dict[str, str]) -> None:
+    """In the forked child: the given environment, output to the log file (line-buffered, as
+    PYTHONUNBUFFERED), then the CLI. (Variables read at import time, such as OMP_NUM_THREADS, were read
+    by the forkserver already.)"""
+    os.environ.clear()
+    os.environ.update(env)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -87,9 +87,9 @@ class Launcher:
     """Starts ``python -m MODULE ARGS`` processes whose output goes to a log file."""
 
     def __init__(self, fresh: bool = False):
-        self.fresh = fresh or "forkserver" not in multiprocessing.get_all_start_methods()
-        self._context = None if self.fresh else multiprocessing.get_context("forkserver")
-        if self._context is not None:
+        self._context = None
+        if not fresh and "forkserver" in multiprocessing.get_all_start_methods():
+            self._context = multiprocessing.get_context("forkserver")
             self._context.set_forkserver_preload(PRELOAD)
 
     def start(self, command: list[str], log_path: Path, env: dict[str, str]) -> Process:
@@ -100,7 +100,7 @@ class Launcher:
         if command[1:2] != ["-m"]:
             raise ValueError(f"not a python -m command: {command}")
         process = self._context.Process(
-            target=_run_command, args=(command[2], command[3:], str(log_path)), name=command[2], daemon=False
+            target=_run_command, args=(command[2], command[3:], str(log_path), env), name=command[2], daemon=False
         )
         process.start()
         return ForkedProcess(process)

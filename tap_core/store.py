@@ -21,7 +21,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tap_core import atomic_files
-from tap_core.atomic_files import atomic_write_bytes, atomic_write_json
 from tap_core.errors import ConfigError, TapError
 from tap_core.model.tap_model import ComponentValues
 
@@ -73,7 +72,7 @@ class CheckpointStore:
         """Refuse now, saying why, a directory no checkpoint could be written to (ConfigError)."""
         probe = self.directory / f".{self.name}.write-test"
         try:
-            atomic_write_bytes(probe, b"ok")
+            atomic_files.atomic_write_bytes(probe, b"ok")
             probe.unlink()
         except OSError as exc:
             raise ConfigError(
@@ -92,7 +91,7 @@ class CheckpointStore:
             state["tensor_file"] = tensor_file
         elif previous is not None:
             state["tensor_file"] = previous
-        atomic_write_json(self.json_path, state)
+        atomic_files.atomic_write_json(self.json_path, state)
         if previous and previous != state.get("tensor_file"):
             (self.directory / previous).unlink(missing_ok=True)
         self._remove_leftovers(keep=state.get("tensor_file"))

@@ -35,16 +35,10 @@ from tap_core.model.tap_model import ComponentValues
 from tap_core.plan import component_weights, plan_from_json
 from tap_core.proto.tap.v1 import federation_pb2 as pb
 from tap_core.wire import StreamDecoder, StreamInfo, encode_frames, layout_from_proto
+from tap_testing.harness import IMAGE_TASK
 
 log = logging.getLogger(__name__)
 
-IMAGE_TASK = {
-    "name": "shapes",
-    "kind": "classification",
-    "modalities": ["image"],
-    "family": "image_classification",
-    "domain": "general",
-}
 LABELS = ["circle", "square", "triangle"]
 POLL_WAIT_S = 10.0
 

@@ -27,6 +27,13 @@ def test_a_forked_process_starts_with_the_model_stack_imported_and_logs_to_its_f
     assert log.read_text().strip() == "torch imported before main: True"
 
 
+def test_a_forked_process_runs_with_the_environment_it_was_given(launcher, tmp_path):
+    log = tmp_path / "env.log"
+    process = launcher.start(command("--show-env", "TAP_PROBE"), log, {"TAP_PROBE": "given"})
+    assert process.wait(timeout=120) == 0
+    assert log.read_text().splitlines()[-1] == "TAP_PROBE=given"
+
+
 def test_a_fresh_process_imports_for_itself(tmp_path):
     log = tmp_path / "target.log"
     process = Launcher(fresh=True).start(command(), log, {"PYTHONPATH": ":".join(sys.path)})
